@@ -1,0 +1,71 @@
+"""`vlreason tiny-model` output loads with transformers' Auto classes and generates
+from an image prompt, for each family the installed transformers supports."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlreason.cli import main
+from vlreason.models.tiny import FAMILIES, family_available
+
+
+def _digest(path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_loads_and_generates(tmp_path, family):
+    ok, why = family_available(family)
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / family
+    assert main(["tiny-model", str(out), "--family", family, "--seed", "3"]) == 0
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.model_type == family
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    inputs = processor(text=[text], images=[Image.new("RGB", (112, 112), "red")], return_tensors="pt")
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((inputs["input_ids"] == image_pad).sum()) == int(inputs["image_grid_thw"].prod() // 4)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    # reasoning tags are single tokens that survive decoding
+    tok = processor.tokenizer
+    ids = tok("<think>x</think><answer>3</answer>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<think>") in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>x</think><answer>3</answer>"
+
+
+def test_tiny_model_deterministic_for_seed(tmp_path):
+    assert main(["tiny-model", str(tmp_path / "a"), "--seed", "1"]) == 0
+    assert main(["tiny-model", str(tmp_path / "b"), "--seed", "1"]) == 0
+    assert main(["tiny-model", str(tmp_path / "c"), "--seed", "2"]) == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_big_vocab_variant(tmp_path):
+    assert main(["tiny-model", str(tmp_path / "big"), "--vocab-size", "151936"]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "big")
+    assert model.get_output_embeddings().weight.shape[0] == 151936
+
+
+def test_vocab_too_small_is_a_clear_error(tmp_path, capsys):
+    assert main(["tiny-model", str(tmp_path / "x"), "--vocab-size", "100"]) == 2
+    assert "vocab-size" in capsys.readouterr().err
+
+
+def test_cached_path_is_reused(tiny_path):
+    from vlreason.models.tiny import tiny_model_path
+
+    assert tiny_model_path() == tiny_path
+    assert torch.load  # cached build exists
+    assert (tiny_path / "vlreason_tiny.json").is_file()

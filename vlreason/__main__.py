@@ -1,0 +1,3 @@
+from vlreason.cli import main
+
+raise SystemExit(main())

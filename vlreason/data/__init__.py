@@ -1,0 +1,1 @@
+"""Canonical dataset schema, safe image decoding, loading and collation."""

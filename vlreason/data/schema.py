@@ -1,0 +1,93 @@
+"""The canonical dataset every vlreason component reads (see DESIGN.md).
+
+A ``datasets`` Arrow dataset written with ``save_to_disk``. Required columns:
+``id`` (unique str), ``images`` (list of encoded image bytes: PNG/JPEG/...),
+``question``, ``answer``, ``source``. Optional columns always exist in files that
+vlreason writes, with empty values when a row has none: ``boxes`` (list of
+[x0, y0, x1, y1] in original pixels of the first image), ``choices`` (list of str),
+``solution`` (a full reference response, e.g. chain of thought), ``meta`` (JSON string).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+REQUIRED_COLUMNS = ("id", "images", "question", "answer", "source")
+OPTIONAL_COLUMNS = ("boxes", "choices", "solution", "meta")
+
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "images": datasets.Sequence(datasets.Value("binary")),
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "solution": datasets.Value("string"),
+        "meta": datasets.Value("string"),
+    }
+)
+
+
+def canonical_row(
+    *,
+    id: str,
+    images: list[bytes],
+    question: str,
+    answer: str,
+    source: str,
+    boxes: list[list[float]] | None = None,
+    choices: list[str] | None = None,
+    solution: str | None = None,
+    meta: dict[str, Any] | str | None = None,
+) -> dict[str, Any]:
+    """A row with every canonical column filled (optional ones empty when absent)."""
+    return {
+        "id": str(id),
+        "images": list(images),
+        "question": question,
+        "answer": str(answer),
+        "source": source,
+        "boxes": [list(map(float, b)) for b in (boxes or [])],
+        "choices": list(choices or []),
+        "solution": solution or "",
+        "meta": meta if isinstance(meta, str) else json.dumps(meta or {}, sort_keys=True),
+    }
+
+
+def rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def save_canonical(rows: list[dict[str, Any]] | datasets.Dataset, out_dir: str | Path) -> Path:
+    """Write rows (or a Dataset) as a canonical dataset directory."""
+    ds = rows if isinstance(rows, datasets.Dataset) else rows_to_dataset(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds.save_to_disk(str(out))
+    return out
+
+
+def load_canonical(path: str | Path) -> datasets.Dataset:
+    """Load a canonical dataset directory, checking its columns; clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a non-dataset folder
+        raise ValueError(
+            f"{path} is not a canonical vlreason dataset (datasets.save_to_disk folder); "
+            f"build one with `vlreason preprocess`: {err}"
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"{path} holds several splits {list(ds)}; pass one split's folder")
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing required columns {missing} (has {ds.column_names})")
+    return ds

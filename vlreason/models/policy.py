@@ -1,0 +1,95 @@
+"""A policy: model + family adapter + processor + the run's single pixel budget.
+
+Every role that sees an image (rollout, log-prob recompute, reference, teacher, views)
+goes through one ``Policy`` so they all use the same budget and prompt format. The
+reference is either a frozen copy or, with LoRA, the same model with its adapter
+disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlreason.config import doc
+from vlreason.models.families import Family
+from vlreason.models.loading import ModelConfig, load_model, load_processor
+from vlreason.rollout.batch import PromptBatch, RolloutBatch
+from vlreason.rollout.forward import TokenOutputs, token_outputs
+from vlreason.rollout.generate import SamplingConfig, generate_completions
+from vlreason.rollout.prompts import PromptConfig, build_prompt_batch
+from vlreason.views.budget import PixelBudget
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    min_pixels: int = doc("Pixel budget minimum, shared by every role that sees an image.", 56 * 56)
+    max_pixels: int = doc("Pixel budget maximum, shared by every role that sees an image.", 112 * 112)
+    logprob_chunk_size: int = doc("Tokens per chunk when computing log-probs through the LM head.", 1024)
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Prompt format."})
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    family: Family
+    processor: Any
+    budget: PixelBudget
+    rollout: RolloutConfig
+    reference: torch.nn.Module | None = None  # a frozen copy; None with LoRA (adapter off)
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, rollout: RolloutConfig, *, device=None, with_reference: bool = False) -> Policy:
+        model, family = load_model(model_cfg, device=device)
+        processor = load_processor(model_cfg.name_or_path or _default_path())
+        budget = PixelBudget(min_pixels=rollout.min_pixels, max_pixels=rollout.max_pixels, factor=family.factor)
+        reference = None
+        if with_reference and not model_cfg.lora.enabled:
+            reference, _ = load_model(model_cfg, device=device, trainable=False)
+        policy = cls(model, family, processor, budget, rollout, reference)
+        policy.has_reference = with_reference
+        return policy
+
+    has_reference: bool = False
+
+    def prompts(self, rows: list[dict[str, Any]], images=None) -> PromptBatch:
+        return build_prompt_batch(rows, self.processor, self.budget, self.rollout.prompt, images=images)
+
+    def sample(self, prompts: PromptBatch, *, seed: int, num_generations: int | None = None,
+               max_new_tokens: int | None = None) -> RolloutBatch:
+        return generate_completions(
+            self.model, self.family, self.processor, prompts, self.rollout, seed=seed,
+            num_generations=num_generations, max_new_tokens=max_new_tokens,
+        )
+
+    def token_outputs(self, batch: RolloutBatch, **kwargs) -> TokenOutputs:
+        return token_outputs(self.model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size, **kwargs)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        if not self.has_reference:
+            raise RuntimeError("this policy was loaded without a reference model (KL coefficient 0)")
+        if self.reference is not None:
+            model, ctx = self.reference, contextlib.nullcontext()
+        else:  # LoRA: the base model is the reference
+            model, ctx = self.model, self.model.disable_adapter()
+        with ctx:
+            out = token_outputs(model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size)
+        return out.logprobs_NT.detach()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
+
+
+def _default_path() -> str:
+    from vlreason.models.loading import default_model_path
+
+    return default_model_path()
