@@ -1,0 +1,325 @@
+"""Atomic training checkpoints and resume resolution.
+
+Layout of one checkpoint, ``RUN_DIR/checkpoints/step-N/``::
+
+    model.safetensors    the model state given (trainable parameters are enough)
+    optimizer.pt         optimizer.state_dict()          (when an optimizer is given)
+    scheduler.pt         scheduler.state_dict()          (when a scheduler is given)
+    rng.pt               python random, numpy, torch CPU and CUDA generator states
+    trainer_state.json   {"step": N, ...}: data position, stage, anything JSON-able
+    config.yaml          the resolved run config          (when a config is given)
+
+Everything is written into ``step-N.tmp-<pid>/`` first and renamed into place with
+``os.replace``, so a directory named ``step-N`` is always complete; a crash leaves at
+most a ``*.tmp-*`` directory, which resume ignores (and which is safe to delete).
+``checkpoints/latest`` is a one-line text file naming the newest checkpoint, itself
+replaced atomically. Call :func:`save_checkpoint` on the main process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    rng: bool = True,
+    config: dict[str, Any] | Any | None = None,
+    keep_last: int | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-{step}/`` atomically and return its path.
+
+    ``trainer_state`` must be JSON-able; ``step`` is stored in it (a different ``"step"``
+    inside it is an error). ``config`` is a dict or a dataclass. ``extra(tmp_dir)``, if
+    given, may write more files (e.g. an adapter config) before the directory is
+    published. ``keep_last`` keeps only that many newest checkpoints, never deleting the
+    one just written. Saving a step that already exists replaces it.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    state = dict(trainer_state or {})
+    if state.setdefault("step", step) != step:
+        raise ValueError(f"trainer_state['step']={state['step']} but step={step}")
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f"step-{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(
+            _safetensors_ready(model_state),
+            str(tmp / MODEL_FILE),
+            metadata={"format": "pt", "step": str(step)},
+        )
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        if rng:
+            torch.save(_rng_state(), tmp / RNG_FILE)
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        if extra is not None:
+            extra(tmp)
+        for file in tmp.iterdir():
+            if file.is_file():
+                _fsync_file(file)
+        _fsync_dir(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+    if keep_last is not None:
+        _prune(ckpt_root, keep_last, keep=final)
+    return final
+
+
+def _safetensors_ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, detached tensors; tensors sharing storage (tied weights) are
+    cloned so safetensors accepts them (each name gets its own copy)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is {type(tensor).__name__}, not a Tensor")
+        t = tensor.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # shares storage with an earlier entry (tied weights, fused views)
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    """Generator states as tensors / plain Python values, loadable with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _plain(config: Any) -> Any:
+    """A dataclass or dict turned into YAML-safe builtins (paths and tuples become
+    strings and lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prune(ckpt_root: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints, never ``keep``."""
+    ckpts = list_checkpoints(ckpt_root.parent)
+    for path in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint directory: returns ``(model_state, trainer_state)``.
+
+    ``model_state`` tensors are on CPU (load them with
+    ``model.load_state_dict(model_state, strict=False)`` when only trainable parameters
+    were saved). The optimizer's and scheduler's states are loaded in place when given;
+    the RNG states are restored when ``restore_rng``.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (expected a step-N directory with "
+            f"{MODEL_FILE} and {TRAINER_STATE_FILE})"
+        )
+    model_state = load_file(str(path / MODEL_FILE), device="cpu")
+    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    for obj, file in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
+        if obj is None:
+            continue
+        if not (path / file).exists():
+            raise FileNotFoundError(f"{path / file} is missing; this checkpoint has no {file}")
+        obj.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
+    if restore_rng:
+        if not (path / RNG_FILE).exists():
+            raise FileNotFoundError(f"{path / RNG_FILE} is missing (saved with rng=False?)")
+        _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    return model_state, trainer_state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        for device, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N for a directory named ``step-N``, else None (temp dirs give None)."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: str | Path) -> bool:
+    """A published checkpoint: named ``step-N`` and holding the model and trainer state."""
+    path = Path(path)
+    return (
+        checkpoint_step(path) is not None
+        and (path / MODEL_FILE).is_file()
+        and (path / TRAINER_STATE_FILE).is_file()
+    )
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``run_dir/checkpoints``, oldest (lowest step) first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``checkpoints/latest`` if it is complete, otherwise the
+    complete checkpoint with the highest step; None when there is none."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name and is_complete(root / name):
+            return root / name
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume from.
+
+    ``resume`` is None (or ``""``): start fresh. ``"auto"``: the latest complete
+    checkpoint in ``run_dir``, or None when there is none yet. A checkpoint directory:
+    that one. A run directory (or its ``checkpoints/`` folder): its latest checkpoint.
+    A given path without a complete checkpoint raises ``FileNotFoundError``.
+    """
+    if resume is None or str(resume) == "":
+        return None
+    if str(resume) == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"resume: {path} does not exist")
+    run = path.parent if path.name == CHECKPOINTS_DIR else path
+    found = latest_checkpoint(run)
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        f"resume: {path} holds no complete checkpoint (expected a step-N directory with "
+        f"{MODEL_FILE} and {TRAINER_STATE_FILE}, or a run directory with "
+        f"{CHECKPOINTS_DIR}/step-N/); incomplete *.tmp-* directories are ignored"
+    )
