@@ -40,6 +40,7 @@ class Policy:
     budget: PixelBudget
     rollout: RolloutConfig
     reference: torch.nn.Module | None = None  # a frozen copy; None with LoRA (adapter off)
+    has_reference: bool = False  # reference log-probs available (copy, or LoRA adapter off)
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, rollout: RolloutConfig, *, device=None, with_reference: bool = False) -> Policy:
@@ -49,19 +50,16 @@ class Policy:
         reference = None
         if with_reference and not model_cfg.lora.enabled:
             reference, _ = load_model(model_cfg, device=device, trainable=False)
-        policy = cls(model, family, processor, budget, rollout, reference)
-        policy.has_reference = with_reference
-        return policy
-
-    has_reference: bool = False
+        return cls(model, family, processor, budget, rollout, reference, with_reference)
 
     def prompts(self, rows: list[dict[str, Any]], images=None) -> PromptBatch:
         return build_prompt_batch(rows, self.processor, self.budget, self.rollout.prompt, images=images)
 
     def sample(self, prompts: PromptBatch, *, seed: int, num_generations: int | None = None,
-               max_new_tokens: int | None = None) -> RolloutBatch:
+               max_new_tokens: int | None = None, sampling: SamplingConfig | None = None) -> RolloutBatch:
+        """G completions per prompt; ``sampling`` overrides the run's sampling settings."""
         return generate_completions(
-            self.model, self.family, self.processor, prompts, self.rollout, seed=seed,
+            self.model, self.family, self.processor, prompts, sampling or self.rollout, seed=seed,
             num_generations=num_generations, max_new_tokens=max_new_tokens,
         )
 

@@ -1,0 +1,87 @@
+"""Plain GRPO on a vision-language model: the common base recipe.
+
+    vlreason train grpo [--config FILE] [key=value ...]
+    python recipes/grpo.py [--config FILE] [key=value ...]
+
+With no config it trains the cached tiny offline model on the bundled synthetic demo
+data for a few CPU minutes. Shape (torchtune-style): ``setup()`` builds components,
+``train()`` runs the shared loop with this recipe's ``prepare``/``step``,
+``cleanup()`` releases them. The maths lives in vlreason.algorithms; the GRPO phases
+(rollout, reward, advantages, reference) in vlreason.train.grpo.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlreason.config import doc
+from vlreason.data.schema import load_canonical
+from vlreason.data.stream import RowStream
+from vlreason.models.loading import ModelConfig
+from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.paths import demo_data
+from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.train.grpo import GRPOConfig, GRPOPhases
+from vlreason.train.loop import LoopConfig, Trainer
+from vlreason.train.metrics import StepTimer
+
+
+@dataclass
+class GRPORecipeConfig(LoopConfig):
+    output_dir: str = doc("Run directory.", "runs/grpo")
+    max_steps: int = doc("Optimizer steps to run.", 20)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Sampling and images."})
+    algorithm: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "GRPO settings."})
+
+
+class GRPORecipe:
+    config_class = GRPORecipeConfig
+
+    def __init__(self, cfg: GRPORecipeConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.policy = Policy.load(cfg.model, cfg.rollout, device=device, with_reference=cfg.algorithm.kl_coef > 0)
+        self.model = self.policy.model
+        train = load_canonical(cfg.data.train or demo_data("train"))
+        self.stream = RowStream(train, seed=cfg.seed)
+        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
+        self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
+
+    def train(self) -> Path:
+        return self.trainer.fit()
+
+    def cleanup(self) -> None:
+        self.policy = self.model = self.trainer = None
+
+    # ---- the loop's recipe interface ---------------------------------------------------
+    def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:
+        return self.phases.prepare(step, timer)
+
+    def step(self, micro_batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.phases.loss(micro_batch)
+
+    def after_update(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "skipped_rows": self.phases.skipped_rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "data" in state:
+            self.stream.load_state_dict(state["data"])
+        self.phases.skipped_rows = state.get("skipped_rows", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe_cli(GRPORecipe, sys.argv[1:], name="grpo"))

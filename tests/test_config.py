@@ -1,0 +1,64 @@
+"""Typed configs: YAML + key.sub=value overrides, strict keys with suggestions, and
+every shipped YAML loads into its recipe's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vlreason.config import ConfigError, doc, load_config, to_dict
+
+
+@dataclass
+class Inner:
+    size: int = doc("a size", 3)
+    names: list[str] = doc("names", ["a"])
+
+
+@dataclass
+class Outer:
+    lr: float = doc("learning rate", 1e-3)
+    flag: bool = doc("a flag", False)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.5\ninner:\n  size: 7\n")
+    cfg = load_config(Outer, path, ["inner.names=[x, y]", "flag=true"])
+    assert cfg.lr == 0.5 and cfg.inner.size == 7 and cfg.inner.names == ["x", "y"] and cfg.flag is True
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'inner.size'|Did you mean 'size'"):
+        load_config(Outer, None, ["inner.sise=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("lrr: 1\n")
+    with pytest.raises(ConfigError, match="Did you mean 'lr'"):
+        load_config(Outer, path)
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(ConfigError, match="inner.size: expected an integer"):
+        load_config(Outer, None, ["inner.size=abc"])
+    with pytest.raises(ConfigError, match="flag: expected true/false"):
+        load_config(Outer, None, ["flag=maybe"])
+    with pytest.raises(ConfigError, match="'lr' is a float, it has no sub-keys"):
+        load_config(Outer, None, ["lr.x=1"])
+
+
+def test_defaults_roundtrip():
+    assert to_dict(load_config(Outer)) == to_dict(Outer())
+
+
+def test_every_shipped_yaml_loads():
+    from vlreason.recipe_base import RECIPES, recipe_class
+
+    configs = sorted((Path(__file__).parents[1] / "recipes" / "configs").rglob("*.yaml"))
+    assert configs, "no shipped configs found"
+    for path in configs:
+        name = path.stem.split("_")[0] if path.stem.split("_")[0] in RECIPES else path.parent.name
+        assert name in RECIPES, f"{path}: cannot tell which recipe it configures"
+        load_config(recipe_class(name).config_class, path)

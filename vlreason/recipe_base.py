@@ -1,0 +1,92 @@
+"""What every recipe shares outside the training loop: the registry, seeding, the
+process group, and the command line (``vlreason train NAME`` == ``python recipes/NAME.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlreason.config import ConfigError, describe, doc, load_config, save_config
+
+# name -> "module:Class"; recipes never inherit from each other.
+RECIPES: dict[str, str] = {
+    "grpo": "recipes.grpo:GRPORecipe",
+    "sft": "recipes.sft:SFTRecipe",
+}
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("Canonical training dataset directory; empty: the bundled demo data.", "")
+    eval: str = doc("Canonical evaluation dataset directory; empty: the bundled demo eval split.", "")
+
+
+def recipe_class(name: str):
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(RECIPES)}")
+    module, cls = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> None:
+    """Join the process group when started by ``accelerate launch`` / torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()  # initialises torch.distributed (gloo on CPU, nccl on CUDA)
+
+
+def run_recipe(recipe_cls, config_path: str | None, overrides: list[str]) -> Path:
+    cfg = load_config(recipe_cls.config_class, config_path, overrides)
+    init_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        save_config(cfg, out / "config.yaml")
+    recipe = recipe_cls(cfg)
+    recipe.setup()
+    try:
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    return result
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the recipe's embedded defaults)")
+    parser.add_argument("--show-config", action="store_true", help="print every config key with its default and help, then exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.num_generations=8")
+
+
+def run_from_args(recipe_cls, name: str, args: argparse.Namespace) -> int:
+    if args.show_config:
+        for key, default, help_text in describe(recipe_cls.config_class):
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    try:
+        result = run_recipe(recipe_cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"vlreason train {name}: config error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {result}")
+    return 0
+
+
+def run_recipe_cli(recipe_cls, argv: list[str], name: str) -> int:
+    parser = argparse.ArgumentParser(prog=f"recipes/{name}.py", description=(recipe_cls.__doc__ or "").strip().split("\n")[0])
+    add_recipe_arguments(parser)
+    return run_from_args(recipe_cls, name, parser.parse_args(argv))

@@ -1,0 +1,126 @@
+"""Sample G completions per prompt.
+
+The vision tower runs once over the prompts' images; its outputs are handed to
+``generate`` as pre-computed encoder outputs, expanded to the G copies by index (no
+re-encoding). Sampling is seeded per call (``seed``), independent of the global RNG
+stream, so a resumed run samples exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlreason.config import doc
+from vlreason.models.families import Family
+from vlreason.rollout.batch import PromptBatch, RolloutBatch
+from vlreason.rollout.forward import encode_prompt_images
+
+# Token strings a completion must never contain: they would corrupt the image-token
+# layout when the completion is scored ("Image features and image tokens do not match").
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+@dataclass
+class SamplingConfig:
+    num_generations: int = doc("Completions sampled per prompt (G).", 4)
+    max_new_tokens: int = doc("Maximum completion length in tokens.", 32)
+    temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
+    top_p: float = doc("Nucleus sampling threshold.", 1.0)
+    top_k: int = doc("Top-k sampling (0 = off).", 0)
+
+    def validate(self) -> None:
+        if self.num_generations < 1:
+            raise ValueError("rollout.num_generations must be at least 1")
+        if self.max_new_tokens < 1:
+            raise ValueError("rollout.max_new_tokens must be at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("rollout.top_p must be in (0, 1]")
+
+
+def end_token_ids(processor) -> list[int]:
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def completion_masks(ids_NT: torch.Tensor, end_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each sequence after its first end token: (ids padded after it, mask, truncated)."""
+    is_end = torch.isin(ids_NT, torch.tensor(end_ids, device=ids_NT.device))
+    has_end = is_end.any(-1)
+    first_end = torch.where(has_end, is_end.float().argmax(-1), torch.full_like(has_end, ids_NT.shape[1], dtype=torch.long))
+    positions = torch.arange(ids_NT.shape[1], device=ids_NT.device)
+    mask = (positions[None, :] <= first_end[:, None]).long()
+    ids = torch.where(mask.bool(), ids_NT, torch.full_like(ids_NT, pad_id))
+    return ids, mask, ~has_end
+
+
+@torch.no_grad()
+def generate_completions(
+    model,
+    family: Family,
+    processor,
+    prompts: PromptBatch,
+    cfg: SamplingConfig,
+    *,
+    seed: int,
+    num_generations: int | None = None,
+    max_new_tokens: int | None = None,
+) -> RolloutBatch:
+    """G completions per prompt, grouped prompt-major (rows p*G ... p*G+G-1)."""
+    G = num_generations or cfg.num_generations
+    max_new = max_new_tokens or cfg.max_new_tokens
+    device = next(model.parameters()).device
+    prompts = prompts.to(device)
+    P = prompts.num_prompts
+    group = torch.arange(P, device=device).repeat_interleave(G)
+    batch_stub = RolloutBatch(
+        prompts=prompts,
+        group_ids_N=group,
+        completion_ids_NT=torch.empty(P * G, 0, dtype=torch.long),
+        completion_mask_NT=torch.empty(P * G, 0, dtype=torch.long),
+        truncated_N=torch.zeros(P * G, dtype=torch.bool),
+    )
+    encoded, _ = encode_prompt_images(model, family, batch_stub, list(range(P)))
+    kwargs = {}
+    if encoded is not None:
+        image_index = prompts.image_index(group.tolist())
+        kwargs["mm_encoder_outputs"] = {"image": family.select_images(encoded, image_index)}
+        kwargs["image_grid_thw"] = prompts.image_grid_thw[image_index]
+    if prompts.mm_token_type_ids_PT is not None:
+        kwargs["mm_token_type_ids"] = prompts.mm_token_type_ids_PT[group]
+    tok = processor.tokenizer
+    suppress = [i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0]
+    end_ids = end_token_ids(processor)
+    sampling = cfg.temperature > 0
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompts.input_ids_PT[group],
+            attention_mask=prompts.attention_mask_PT[group],
+            do_sample=sampling,
+            temperature=cfg.temperature if sampling else None,
+            top_p=cfg.top_p if sampling else None,
+            top_k=cfg.top_k if sampling else None,
+            max_new_tokens=max_new,
+            eos_token_id=end_ids,
+            pad_token_id=tok.pad_token_id,
+            suppress_tokens=suppress,
+            num_return_sequences=1,
+            **kwargs,
+        )
+    model.train(was_training)
+    raw = out[:, prompts.input_ids_PT.shape[1] :]
+    ids, mask, truncated = completion_masks(raw, end_ids, tok.pad_token_id)
+    texts = tok.batch_decode([row[m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
+    return RolloutBatch(
+        prompts=prompts,
+        group_ids_N=group,
+        completion_ids_NT=ids,
+        completion_mask_NT=mask,
+        truncated_N=truncated,
+        texts=texts,
+    )

@@ -1,0 +1,175 @@
+"""GRPO's phases on the shared core, for every recipe that runs GRPO (grpo, vision_r1, dvrp).
+
+``GRPOPhases.prepare`` does the no-gradient work of a step (rollout, rewards, group
+advantages, reference log-probs) and cuts the result into prompt-aligned
+micro-batches; ``GRPOPhases.loss`` is the clipped surrogate (+ k3 KL) of one
+micro-batch, normalised by the step's global token / sequence count so that the
+micro-batch losses add up to the full-batch loss on any number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vlreason.algorithms import ADVANTAGES, KL_ESTIMATORS, aggregate, aggregate_sum_and_count, clipped_surrogate
+from vlreason.config import doc
+from vlreason.data.stream import RowStream, shard
+from vlreason.models.policy import Policy
+from vlreason.rewards import get_reward
+from vlreason.rollout.batch import RolloutBatch
+from vlreason.train.loop import world
+from vlreason.train.metrics import StepTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = doc("Prompts per optimizer step, over all processes.", 4)
+    micro_batch_prompts: int = doc("Prompts (x G completions) per forward/backward micro-batch.", 2)
+    advantage: str = doc("grpo (normalise by group std) | drgrpo (no std).", "grpo")
+    clip_low: float = doc("PPO clip epsilon below 1.", 0.2)
+    clip_high: float = doc("PPO clip epsilon above 1 (DAPO clip-higher: 0.28).", 0.2)
+    kl_coef: float = doc("KL-to-reference coefficient beta; 0 loads no reference model.", 0.0)
+    kl_estimator: str = doc("k1 | k2 | k3.", "k3")
+    aggregation: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.", "token-mean")
+    reward: str = doc("Reward name (format, accuracy, format_accuracy, vision_r1, iou) or package.module:function.", "format_accuracy")
+
+    def validate(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"algorithm.advantage must be one of {list(ADVANTAGES)}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"algorithm.kl_estimator must be one of {list(KL_ESTIMATORS)}")
+        if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
+            raise ValueError("algorithm.prompts_per_step and micro_batch_prompts must be >= 1")
+
+
+def score(reward_fn, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards of every completion, and each named component where the reward has them."""
+    rewards, components = [], {}
+    groups = batch.group_ids_N.tolist()
+    for i, text in enumerate(batch.texts):
+        row = batch.prompts.rows[groups[i]]
+        info = {"truncated": bool(batch.truncated_N[i]), "choices": row.get("choices") or None, "row": row}
+        if hasattr(reward_fn, "score_components"):
+            parts = reward_fn.score_components(text, row["answer"], **info)
+            for name, value in parts.items():
+                components.setdefault(name, []).append(float(value))
+        rewards.append(float(reward_fn(text, row["answer"], **info)))
+    return torch.tensor(rewards), {k: torch.tensor(v) for k, v in components.items()}
+
+
+def global_sum(value: torch.Tensor | float) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def rollout_metrics(batch: RolloutBatch, G: int) -> dict[str, float]:
+    rewards = batch.rewards_N
+    lengths = batch.completion_lengths_N.float()
+    group_std = rewards.view(-1, G).std(-1) if G > 1 else torch.zeros(len(rewards))
+    out = {
+        "reward": rewards.mean(),
+        "reward_std": rewards.std() if len(rewards) > 1 else 0.0,
+        "groups_all_equal": (group_std == 0).float().mean(),
+        "completion_len": lengths.mean(),
+        "completion_len_max": lengths.max(),
+        "truncated_frac": batch.truncated_N.float().mean(),
+    }
+    out.update({f"reward/{k}": v.mean() for k, v in batch.reward_components.items()})
+    return {k: float(v) for k, v in out.items()}
+
+
+class GRPOPhases:
+    def __init__(self, cfg: GRPOConfig, policy: Policy, stream: RowStream, seed: int):
+        self.cfg = cfg
+        self.policy = policy
+        self.stream = stream
+        self.seed = seed
+        self.reward_fn = get_reward(cfg.reward)
+        self.kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
+        self.skipped_rows = 0
+
+    def next_prompts(self, step: int):
+        """This process's share of the step's prompts; rows that cannot be used are
+        reported and replaced (never silently dropped, never a crash)."""
+        rank, size = world()
+        rows = shard(self.stream.next_rows(self.cfg.prompts_per_step), rank, size)
+        usable = []
+        for row in rows:
+            try:
+                batch = self.policy.prompts([row])
+            except ValueError as err:
+                self.skipped_rows += 1
+                log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
+                continue
+            length = int(batch.attention_mask_PT.sum())
+            if length > self.policy.rollout.prompt.max_prompt_tokens:
+                self.skipped_rows += 1
+                log.warning("step %d: skipping row '%s': prompt has %d tokens (image tokens included) > "
+                            "rollout.prompt.max_prompt_tokens=%d; prompts are never cut through image tokens",
+                            step + 1, row.get("id"), length, self.policy.rollout.prompt.max_prompt_tokens)
+                continue
+            usable.append(row)
+        if not usable:
+            raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
+        return self.policy.prompts(usable)
+
+    def prepare(self, step: int, timer: StepTimer, *, num_generations: int | None = None,
+                max_new_tokens: int | None = None) -> tuple[list[RolloutBatch], dict[str, Any]]:
+        G = num_generations or self.policy.rollout.num_generations
+        rank, _ = world()
+        with timer("rollout"):
+            prompts = self.next_prompts(step)
+            batch = self.policy.sample(
+                prompts, seed=hash_seed(self.seed, step, rank), num_generations=G, max_new_tokens=max_new_tokens,
+            )
+        with timer("reward"):
+            batch.rewards_N, batch.reward_components = score(self.reward_fn, batch)
+            batch.advantages_N = ADVANTAGES[self.cfg.advantage](batch.rewards_N, G)
+        if self.cfg.kl_coef > 0:
+            with timer("reference"):
+                batch.ref_logprobs_NT = self.policy.reference_logprobs(batch)
+        metrics = rollout_metrics(batch, G)
+        metrics["data/skipped_rows"] = self.skipped_rows
+        metrics["data/epoch"] = self.stream.epoch
+        self.normaliser = global_sum(self._count(batch))
+        per_micro = self.cfg.micro_batch_prompts * G
+        micro = [batch.select(list(range(i, min(i + per_micro, batch.num_completions))))
+                 for i in range(0, batch.num_completions, per_micro)]
+        return micro, metrics
+
+    def _count(self, batch: RolloutBatch) -> torch.Tensor:
+        mask = batch.completion_mask_NT.float()
+        return aggregate_sum_and_count(mask, mask, self.cfg.aggregation)[1]
+
+    def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.policy.token_outputs(batch)
+        device = out.logprobs_NT.device
+        mask = batch.completion_mask_NT.to(device)
+        # The loop averages gradients over processes; scale so their mean is the global loss.
+        count = self.normaliser / world()[1]
+        max_tokens = self.policy.rollout.max_new_tokens
+        loss, metrics = clipped_surrogate(
+            out.logprobs_NT, None, batch.advantages_N.to(device), mask,
+            clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
+            agg_mode=self.cfg.aggregation, max_tokens=max_tokens, global_count=count,
+        )
+        if self.cfg.kl_coef > 0:
+            kl_BT = self.kl_fn(out.logprobs_NT, batch.ref_logprobs_NT.to(device))
+            kl = aggregate(kl_BT, mask, self.cfg.aggregation, max_tokens=max_tokens, global_count=count)
+            loss = loss + self.cfg.kl_coef * kl
+            metrics["kl"] = float(kl.detach()) * count / max(self._count(batch).item(), 1e-8)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+
+def hash_seed(seed: int, step: int, rank: int) -> int:
+    """A sampling seed for (run seed, step, process), stable across resumes."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)

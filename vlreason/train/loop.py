@@ -1,0 +1,285 @@
+"""The one training loop every recipe runs (nanochat-style: read it top to bottom).
+
+A recipe hands the loop an object with four methods:
+
+* ``prepare(step, timer) -> (micro_batches, metrics)``: everything without gradients
+  for this optimizer step (rollout, rewards, reference, teacher), timed by phase;
+* ``step(micro_batch) -> (loss, metrics)``: the loss of one micro-batch, already
+  scaled so that the micro-batch losses of a step add up to the step's loss;
+* ``state_dict()`` / ``load_state_dict(state)``: data position and recipe state (stage,
+  counters), stored in every checkpoint;
+* ``after_update(step)``: anything after the optimizer step (e.g. an EMA teacher).
+
+The loop owns the optimizer and schedule, gradient clipping, the gradient all-reduce
+across processes, NaN-step skipping, metrics, checkpoints (every ``save_steps``, on
+SIGINT/SIGTERM, at the end) and exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from vlreason.config import doc, to_dict
+from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
+from vlreason.train.schedule import build_optimizer, build_scheduler
+from vlreason.train.signals import GracefulStop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("Peak learning rate (AdamW).", 1e-5)
+    weight_decay: float = doc("AdamW weight decay (not on biases and norms).", 0.0)
+    betas: list[float] = doc("AdamW betas.", [0.9, 0.999])
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    schedule: str = doc("cosine | constant (after warm-up).", "constant")
+    min_lr_ratio: float = doc("Cosine floor as a fraction of lr.", 0.0)
+    max_grad_norm: float = doc("Gradient clipping norm (0 disables).", 1.0)
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be cosine or constant, got '{self.schedule}'")
+        if self.lr <= 0:
+            raise ValueError("optim.lr must be positive")
+
+
+@dataclass
+class LoopConfig:
+    output_dir: str = doc("Run directory (config, metrics, checkpoints, final model).", "runs/run")
+    seed: int = doc("Seed of data order, sampling and initialisation.", 0)
+    max_steps: int = doc("Optimizer steps to run.", 10)
+    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
+    keep_last: int = doc("Checkpoints to keep (0 keeps all).", 2)
+    resume: str = doc("'' (fresh), 'auto' (latest checkpoint in output_dir) or a checkpoint dir.", "")
+    max_nan_steps: int = doc("Stop after this many skipped non-finite steps.", 5)
+    trackers: list[str] = doc("Metric sinks: jsonl, tensorboard, wandb.", ["jsonl", "tensorboard"])
+    progress: bool = doc("Show a progress bar.", True)
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+
+
+class Recipe(Protocol):
+    model: torch.nn.Module
+
+    def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]: ...
+
+    def step(self, micro_batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def after_update(self, step: int) -> None: ...
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (too many non-finite steps); a checkpoint was written."""
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over processes (the loop calls model internals, so no DDP)."""
+    rank, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(size)
+
+
+def mean_metrics(metric_list: list[dict[str, Any]]) -> dict[str, float]:
+    """Average the scalar metrics of the micro-batches of a step."""
+    out: dict[str, list[float]] = {}
+    for metrics in metric_list:
+        for key, value in metrics.items():
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else value
+            if isinstance(value, (int, float)):
+                out.setdefault(key, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: LoopConfig, recipe: Recipe, *, full_config: Any = None, save_final=None):
+        self.cfg = cfg
+        self.recipe = recipe
+        self.full_config = full_config
+        self.save_final = save_final
+        self.run_dir = Path(cfg.output_dir)
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        self.params = [p for p in recipe.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (check freezing / LoRA settings)")
+        named = [(n, p) for n, p in recipe.model.named_parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = build_optimizer(named, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=o.warmup_steps, total_steps=cfg.max_steps,
+            kind=o.schedule, min_lr_ratio=o.min_lr_ratio,
+        )
+        self.step = 0
+        self.nan_steps = 0
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.recipe.model.named_parameters() if p.requires_grad}
+
+    def save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.run_dir, self.step,
+                model_state=self.trainable_state(),
+                optimizer=self.optimizer, scheduler=self.scheduler,
+                trainer_state={"nan_steps": self.nan_steps, "recipe": self.recipe.state_dict()},
+                config=to_dict(self.full_config) if self.full_config is not None else None,
+                keep_last=self.cfg.keep_last or None,
+            )
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def maybe_resume(self) -> None:
+        path = resolve_resume(self.run_dir, self.cfg.resume or None)
+        if path is None:
+            return
+        model_state, state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
+        missing = set(self.trainable_state()) - set(model_state)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable parameters, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, param in self.recipe.model.named_parameters():
+                if name in model_state:
+                    param.copy_(model_state[name].to(param.device, param.dtype))
+        self.step = int(state["step"])
+        self.nan_steps = int(state.get("nan_steps", 0))
+        self.recipe.load_state_dict(state.get("recipe", {}))
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        metrics_log = MetricsLogger(
+            self.run_dir, trackers=self.cfg.trackers, is_main_process=self.is_main,
+            config=to_dict(self.full_config) if self.full_config is not None else None,
+            resume_step=self.step,
+        )
+        bar = progress_bar(self.cfg.max_steps, initial=self.step,
+                           disable=not (self.cfg.progress and self.is_main and sys.stderr.isatty()))
+        timer = StepTimer(synchronize=torch.cuda.is_available())
+        model = self.recipe.model
+        model.train()
+        stopped_by_signal = False
+        try:
+            with GracefulStop() as stop:
+                while self.step < self.cfg.max_steps:
+                    timer.reset()
+                    metrics = self.train_step(timer)
+                    metrics_log.log(self.step, metrics)
+                    bar.update(1)
+                    bar.set_postfix_str(format_postfix(metrics))
+                    if self.is_main and bar.disable and self.should_print():
+                        print(f"step {self.step}/{self.cfg.max_steps} {format_postfix(metrics)}", flush=True)
+                    if self.nan_steps >= self.cfg.max_nan_steps:
+                        self.save()
+                        raise TrainingStopped(
+                            f"{self.nan_steps} steps had a non-finite loss or gradient (max_nan_steps="
+                            f"{self.cfg.max_nan_steps}); stopped after saving a checkpoint at step {self.step}"
+                        )
+                    if stop.should_stop:
+                        stopped_by_signal = True
+                        break
+                    if self.cfg.save_steps and self.step % self.cfg.save_steps == 0:
+                        self.save()
+        finally:
+            bar.close()
+            metrics_log.close()
+        path = self.save()
+        if stopped_by_signal:
+            if self.is_main:
+                print(f"stopped by signal at step {self.step}; resume with resume=auto "
+                      f"(checkpoint: {path})", flush=True)
+            return path
+        final = self.run_dir / "final"
+        if self.is_main and self.save_final is not None:
+            self.save_final(final)
+        return final
+
+    def train_step(self, timer: StepTimer) -> dict[str, Any]:
+        micro_batches, metrics = self.recipe.prepare(self.step, timer)
+        step_metrics = []
+        finite = True
+        with timer("update"):
+            for micro in micro_batches:
+                loss, m = self.recipe.step(micro)
+                if not torch.isfinite(loss.detach()):
+                    finite = False
+                    break
+                loss.backward()
+                step_metrics.append({"loss": loss.detach(), **m})
+            all_reduce_mean_grads(self.params)
+            grad_norm = self.clip()
+            finite = self.agree(finite and math.isfinite(grad_norm))
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                self.nan_steps += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)",
+                            self.step + 1, self.nan_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.recipe.after_update(self.step)
+        self.step += 1
+        out = {**metrics, **mean_metrics(step_metrics)}
+        out["loss"] = sum(float(m["loss"]) for m in step_metrics) if step_metrics else float("nan")
+        out = self.mean_over_processes(out)
+        out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped_steps=self.nan_steps)
+        out.update(timer.pop())
+        return out
+
+    def mean_over_processes(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Average numeric metrics over processes (each saw its share of the batch)."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {**metrics, **dict(zip(keys, (values / self.world_size).tolist()))}
+
+    def should_print(self) -> bool:
+        """Without a progress bar (no TTY), print a plain line on a few steps."""
+        return self.step in (1, self.cfg.max_steps) or self.step % 10 == 0
+
+    def clip(self) -> float:
+        max_norm = self.cfg.optim.max_grad_norm
+        if max_norm and max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grads = [p.grad.detach().norm() for p in self.params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def agree(self, ok: bool) -> bool:
+        """All processes skip a step if any of them saw a non-finite value."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0)

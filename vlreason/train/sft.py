@@ -1,0 +1,81 @@
+"""Supervised phases on the same loop: cross-entropy on assistant tokens only.
+
+The target of a row is its ``solution`` (a full reference response, e.g.
+``<think>...</think><answer>...</answer>``) or, with ``target="answer"``, its bare
+answer wrapped by ``answer_template``. The prompt tokens, image tokens included, get
+no loss: only the assistant turn (and its end-of-turn token) is scored, through the
+same chunked log-prob path as RL, so warm-up and cold start need no second loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlreason.algorithms import aggregate, aggregate_sum_and_count
+from vlreason.config import doc
+from vlreason.data.stream import RowStream, shard
+from vlreason.models.policy import Policy
+from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.prompts import tokenize_targets
+from vlreason.train.grpo import global_sum
+from vlreason.train.loop import world
+from vlreason.train.metrics import StepTimer
+
+
+@dataclass
+class SFTConfig:
+    batch_size: int = doc("Rows per optimizer step, over all processes.", 8)
+    micro_batch_size: int = doc("Rows per forward/backward micro-batch.", 8)
+    target: str = doc("solution (the row's full reference response) | answer (the bare answer).", "solution")
+    answer_template: str = doc("Target text when target=answer; {answer} is replaced.", "{answer}")
+    max_target_tokens: int = doc("Targets are cut to this many tokens (counted in metrics).", 512)
+
+    def validate(self) -> None:
+        if self.target not in ("solution", "answer"):
+            raise ValueError("sft.target must be 'solution' or 'answer'")
+
+
+def target_text(row: dict[str, Any], cfg: SFTConfig) -> str:
+    if cfg.target == "solution":
+        if not row.get("solution"):
+            raise ValueError(f"row '{row.get('id')}' has no solution; use sft.target=answer or add solutions")
+        return row["solution"]
+    return cfg.answer_template.format(answer=row["answer"])
+
+
+class SFTPhases:
+    def __init__(self, cfg: SFTConfig, policy: Policy, stream: RowStream):
+        self.cfg = cfg
+        self.policy = policy
+        self.stream = stream
+
+    def batch_for(self, rows: list[dict[str, Any]]) -> RolloutBatch:
+        prompts = self.policy.prompts(rows)
+        ids, mask, truncated = tokenize_targets(
+            self.policy.processor, [target_text(r, self.cfg) for r in rows], max_tokens=self.cfg.max_target_tokens
+        )
+        return RolloutBatch(
+            prompts=prompts, group_ids_N=torch.arange(len(rows)), completion_ids_NT=ids,
+            completion_mask_NT=mask, truncated_N=truncated,
+        )
+
+    def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:
+        rank, size = world()
+        with timer("data"):
+            rows = shard(self.stream.next_rows(self.cfg.batch_size), rank, size)
+            micro = [self.batch_for(rows[i : i + self.cfg.micro_batch_size])
+                     for i in range(0, len(rows), self.cfg.micro_batch_size)]
+        tokens = sum(int(b.completion_mask_NT.sum()) for b in micro)
+        self.normaliser = global_sum(tokens)
+        truncated = sum(int(b.truncated_N.sum()) for b in micro)
+        return micro, {"target_tokens": tokens, "target_truncated": truncated, "data/epoch": self.stream.epoch}
+
+    def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.policy.token_outputs(batch)
+        mask = batch.completion_mask_NT.to(out.logprobs_NT.device)
+        loss = aggregate(-out.logprobs_NT, mask, "token-mean", global_count=self.normaliser / world()[1])
+        nll_sum, count = aggregate_sum_and_count(-out.logprobs_NT.detach(), mask, "token-mean")
+        return loss, {"nll": float(nll_sum / count.clamp(min=1))}
