@@ -24,21 +24,29 @@ from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import Policy, RolloutConfig
-from vlreason.paths import demo_data
+from vlreason.paths import demo_data, warm_model
 from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
-from vlreason.train.loop import LoopConfig, Trainer
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 
 
 @dataclass
 class GRPORecipeConfig(LoopConfig):
     output_dir: str = doc("Run directory.", "runs/grpo")
-    max_steps: int = doc("Optimizer steps to run.", 20)
+    max_steps: int = doc("Optimizer steps to run.", 40)
+    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 20)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Sampling and images."})
-    algorithm: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "GRPO settings."})
+    rollout: RolloutConfig = field(
+        default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48),
+        metadata={"help": "Sampling and images."},
+    )
+    algorithm: GRPOConfig = field(
+        default_factory=lambda: GRPOConfig(prompts_per_step=8, micro_batch_prompts=4),
+        metadata={"help": "GRPO settings."},
+    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
 class GRPORecipe:
@@ -46,6 +54,11 @@ class GRPORecipe:
 
     def __init__(self, cfg: GRPORecipeConfig):
         self.cfg = cfg
+
+    @staticmethod
+    def default_model() -> Path:
+        """The bundled warm tiny checkpoint: RL needs a model that can already see."""
+        return warm_model()
 
     def setup(self) -> None:
         cfg = self.cfg

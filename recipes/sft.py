@@ -24,6 +24,7 @@ from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.models.tiny import tiny_model_path
 from vlreason.paths import demo_data
 from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
 from vlreason.train.loop import LoopConfig, Trainer
@@ -48,6 +49,11 @@ class SFTRecipe:
 
     def __init__(self, cfg: SFTRecipeConfig):
         self.cfg = cfg
+
+    @staticmethod
+    def default_model() -> Path:
+        """The cached tiny random checkpoint (a cold start)."""
+        return tiny_model_path()
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -41,3 +41,17 @@ def demo_data(split: str = "train") -> Path:
             "`python -m data_pipelines.build_demo_data`."
         )
     return path
+
+
+def warm_model() -> Path:
+    """The bundled warm tiny checkpoint: the tiny offline Qwen2.5-VL after a short SFT
+    on the demo data (format learnt, colours mostly right, counting weak), so RL demos
+    start from a model that can already see. Rebuild with
+    ``python -m data_pipelines.build_warm_model``."""
+    path = assets_dir() / "warm-tiny"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"bundled warm checkpoint not found at {path}; rebuild it with "
+            "`python -m data_pipelines.build_warm_model` or set model.name_or_path"
+        )
+    return path

@@ -52,6 +52,8 @@ def init_distributed() -> None:
 
 def run_recipe(recipe_cls, config_path: str | None, overrides: list[str]) -> Path:
     cfg = load_config(recipe_cls.config_class, config_path, overrides)
+    if not cfg.model.name_or_path:  # the recipe's embedded default model, recorded in config.yaml
+        cfg.model.name_or_path = str(recipe_cls.default_model())
     init_distributed()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,11 +17,11 @@ from vlreason.data.stream import shard
 
 
 def _setup():
+    from vlreason.data.schema import load_canonical
     from vlreason.data.stream import RowStream
     from vlreason.models.loading import ModelConfig
     from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.paths import demo_data
-    from vlreason.data.schema import load_canonical
     from vlreason.train.grpo import GRPOConfig, GRPOPhases
 
     torch.manual_seed(0)

@@ -37,7 +37,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = doc(
-        "Local checkpoint directory or hub id. Empty: the cached tiny offline model.", ""
+        "Local checkpoint directory or hub id. Empty: the recipe's embedded default "
+        "(a tiny offline model).", ""
     )
     dtype: str = doc("auto | float32 | bfloat16 | float16. auto: bf16 on CUDA, fp32 on CPU.", "auto")
     attn_implementation: str = doc("sdpa | eager | flash_attention_2 (needs flash-attn).", "sdpa")

@@ -16,7 +16,7 @@ import torch
 
 from vlreason.config import doc
 from vlreason.models.families import Family
-from vlreason.models.loading import ModelConfig, load_model, load_processor
+from vlreason.models.loading import ModelConfig, default_model_path, load_model, load_processor
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import TokenOutputs, token_outputs
 from vlreason.rollout.generate import SamplingConfig, generate_completions
@@ -45,7 +45,7 @@ class Policy:
     @classmethod
     def load(cls, model_cfg: ModelConfig, rollout: RolloutConfig, *, device=None, with_reference: bool = False) -> Policy:
         model, family = load_model(model_cfg, device=device)
-        processor = load_processor(model_cfg.name_or_path or _default_path())
+        processor = load_processor(model_cfg.name_or_path or default_model_path())
         budget = PixelBudget(min_pixels=rollout.min_pixels, max_pixels=rollout.max_pixels, factor=family.factor)
         reference = None
         if with_reference and not model_cfg.lora.enabled:
@@ -86,8 +86,3 @@ class Policy:
         self.model.save_pretrained(path, safe_serialization=True)
         self.processor.save_pretrained(path)
 
-
-def _default_path() -> str:
-    from vlreason.models.loading import default_model_path
-
-    return default_model_path()

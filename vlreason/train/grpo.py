@@ -16,7 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vlreason.algorithms import ADVANTAGES, KL_ESTIMATORS, aggregate, aggregate_sum_and_count, clipped_surrogate
+from vlreason.algorithms import (
+    ADVANTAGES,
+    KL_ESTIMATORS,
+    aggregate,
+    aggregate_sum_and_count,
+    clipped_surrogate,
+)
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.policy import Policy
