@@ -100,3 +100,20 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     ra = [r["reward"] for r in _metrics(straight)]
     rb = [r["reward"] for r in _metrics(run)]
     assert ra == rb
+
+
+def test_grpo_with_lora_saves_an_adapter(tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in FAST if not a.startswith("max_steps")]
+    assert main(["train", "grpo", f"output_dir={run}", "max_steps=2", "model.lora.enabled=true",
+                 "model.lora.r=4", "algorithm.kl_coef=0.01", *args]) == 0
+    assert (run / "final" / "adapter_config.json").is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlreason.paths import warm_model
+
+    base = AutoModelForImageTextToText.from_pretrained(warm_model())
+    PeftModel.from_pretrained(base, run / "final")
+    saved = load_file(str(run / "checkpoints" / "step-2" / "model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)  # checkpoints hold only the adapter

@@ -61,6 +61,8 @@ def canonical_row(
 
 
 def rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
+    if not rows:  # from_list cannot infer columns from nothing
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
@@ -69,7 +71,7 @@ def save_canonical(rows: list[dict[str, Any]] | datasets.Dataset, out_dir: str |
     ds = rows if isinstance(rows, datasets.Dataset) else rows_to_dataset(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds.save_to_disk(str(out))
+    ds.save_to_disk(str(out), num_shards=1 if len(ds) == 0 else None)
     return out
 
 

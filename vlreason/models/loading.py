@@ -100,11 +100,20 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None, train
     if cfg.freeze_projector:
         projector(family, model).requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model, family
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant), under either transformers name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def projector(family: Family, model) -> torch.nn.Module:

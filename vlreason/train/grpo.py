@@ -102,6 +102,9 @@ class GRPOPhases:
         self.reward_fn = get_reward(cfg.reward)
         self.kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
         self.skipped_rows = 0
+        if policy.rollout.num_generations == 1 and cfg.advantage == "grpo":
+            log.warning("rollout.num_generations=1: every group has one completion, so every "
+                        "group-normalised advantage is 0 and GRPO cannot learn; use G >= 2")
 
     def next_prompts(self, step: int):
         """This process's share of the step's prompts; rows that cannot be used are

@@ -17,6 +17,7 @@ SIGINT/SIGTERM, at the end) and exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -189,7 +190,7 @@ class Trainer:
         model.train()
         stopped_by_signal = False
         try:
-            with GracefulStop() as stop:
+            with GracefulStop() as stop, self.checkpoint_on_error():
                 while self.step < self.cfg.max_steps:
                     timer.reset()
                     metrics = self.train_step(timer)
@@ -222,6 +223,22 @@ class Trainer:
         if self.is_main and self.save_final is not None:
             self.save_final(final)
         return final
+
+    @contextlib.contextmanager
+    def checkpoint_on_error(self):
+        """An unexpected error mid-run still leaves a checkpoint of the last finished step.
+
+        Single-process only: with several processes the others may not reach the save's
+        barrier, so there the periodic and signal checkpoints are what remains."""
+        try:
+            yield
+        except TrainingStopped:
+            raise
+        except Exception:
+            if self.step > 0 and self.world_size == 1:
+                path = self.save()
+                log.error("training failed at step %d; last finished step saved to %s", self.step + 1, path)
+            raise
 
     def train_step(self, timer: StepTimer) -> dict[str, Any]:
         micro_batches, metrics = self.recipe.prepare(self.step, timer)
