@@ -237,15 +237,17 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every leaf field, for ``--help`` output and docs."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field, for ``--help`` output and docs.
+
+    Defaults come from an instance of ``cls``, so a parent's ``default_factory`` for a
+    nested config (e.g. a recipe's own rollout defaults) is what is shown."""
+    defaults = cls() if defaults is None else defaults
     rows = []
-    defaults = cls()
     for f in dataclasses.fields(cls):
-        _, sub = _is_optional(_field_types(cls)[f.name])
         value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(sub) and value is not None:
-            rows.extend(describe(sub, f"{prefix}{f.name}."))
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(type(value), f"{prefix}{f.name}.", value))
         else:
             rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
     return rows
