@@ -52,6 +52,18 @@ def test_grpo_run_directory_and_learning_signal(tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
+def test_fresh_run_into_an_earlier_run_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", "max_steps=1", "rollout.num_generations=2", "rollout.max_new_tokens=4",
+            "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1"]
+    assert main(["train", "grpo", *args]) == 0
+    assert main(["train", "grpo", *args]) == 2
+    assert "pass resume=auto to continue it, overwrite=true to start over" in capsys.readouterr().err
+    (run / "marker").write_text("old")
+    assert main(["train", "grpo", *args, "overwrite=true"]) == 0
+    assert not (run / "marker").exists()
+
+
 def test_unknown_override_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "grpo", f"output_dir={tmp_path}", "rollout.num_generation=2"]) == 2
     assert "Did you mean 'num_generations'" in capsys.readouterr().err

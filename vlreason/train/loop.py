@@ -62,6 +62,8 @@ class LoopConfig:
     save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
     keep_last: int = doc("Checkpoints to keep (0 keeps all).", 2)
     resume: str = doc("'' (fresh), 'auto' (latest checkpoint in output_dir) or a checkpoint dir.", "")
+    overwrite: bool = doc("Delete an existing output_dir before a fresh run (otherwise a fresh run "
+                          "into a directory with checkpoints is refused).", False)
     max_nan_steps: int = doc("Stop after this many skipped non-finite steps.", 5)
     trackers: list[str] = doc("Metric sinks: jsonl, tensorboard, wandb.", ["jsonl", "tensorboard"])
     progress: bool = doc("Show a progress bar.", True)
