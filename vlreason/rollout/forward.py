@@ -48,27 +48,21 @@ def completion_hidden_states(model, family: Family, batch: RolloutBatch) -> torc
     """Hidden states [N, Tc, H] that predict each completion token."""
     prompts = batch.prompts
     group = batch.group_ids_N.to(prompts.input_ids_PT.device)
-    unique_prompts = sorted(set(group.tolist()))
-    encoded, _ = encode_prompt_images(model, family, batch, unique_prompts)
+    encoded, encoded_images = encode_prompt_images(model, family, batch, sorted(set(group.tolist())))
     input_ids = torch.cat([prompts.input_ids_PT[group], batch.completion_ids_NT], dim=1)
-    attention_mask = torch.cat([prompts.attention_mask_PT[group], batch.completion_mask_NT.to(prompts.attention_mask_PT.dtype)], dim=1)
+    completion_mask = batch.completion_mask_NT.to(prompts.attention_mask_PT.dtype)
+    attention_mask = torch.cat([prompts.attention_mask_PT[group], completion_mask], dim=1)
     mm_types = None
     grid = None
     if prompts.mm_token_type_ids_PT is not None:
         zeros = torch.zeros_like(batch.completion_ids_NT, dtype=prompts.mm_token_type_ids_PT.dtype)
         mm_types = torch.cat([prompts.mm_token_type_ids_PT[group], zeros], dim=1)
     if encoded is not None:
-        # position of each needed image inside `encoded` (which follows unique_prompts order)
-        local = {p: i for i, p in enumerate(unique_prompts)}
-        counts = prompts.images_per_prompt
-        local_starts = torch.tensor([0, *[counts[p] for p in unique_prompts]]).cumsum(0).tolist()
-        index = [
-            j
-            for p in group.tolist()
-            for j in range(local_starts[local[p]], local_starts[local[p]] + counts[p])
-        ]
-        encoded = family.select_images(encoded, index)
-        grid = prompts.image_grid_thw[prompts.image_index(group.tolist())]
+        # every completion reuses its prompt's images from the one encoding above
+        needed = prompts.image_index(group.tolist())
+        position = {image: k for k, image in enumerate(encoded_images)}
+        encoded = family.select_images(encoded, [position[i] for i in needed])
+        grid = prompts.image_grid_thw[needed]
     hidden = family.hidden_states(model, input_ids, attention_mask, mm_types, grid, encoded)
     prompt_len = prompts.input_ids_PT.shape[1]
     completion_len = batch.completion_ids_NT.shape[1]
