@@ -4,6 +4,11 @@ The vision tower runs once over the prompts' images; its outputs are handed to
 ``generate`` as pre-computed encoder outputs, expanded to the G copies by index (no
 re-encoding). Sampling is seeded per call (``seed``), independent of the global RNG
 stream, so a resumed run samples exactly what an uninterrupted one would.
+
+Two samplers draw the same tokens under the same seed: with ``share_prefix`` (default)
+each prompt is prefilled once and its KV cache reused by its G completions
+(``rollout/prefix.py``); without it, HF ``generate`` runs on the G copies of each prompt
+(the reference path).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from vlreason.config import doc
 from vlreason.models.families import Family
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import encode_prompt_images
+from vlreason.rollout.prefix import DecodeSettings, sample_with_shared_prefix
 
 # Token strings a completion must never contain: they would corrupt the image-token
 # layout when the completion is scored ("Image features and image tokens do not match").
@@ -29,6 +35,11 @@ class SamplingConfig:
     temperature: float = doc("Sampling temperature (0 = greedy).", 1.0)
     top_p: float = doc("Nucleus sampling threshold.", 1.0)
     top_k: int = doc("Top-k sampling (0 = off).", 0)
+    share_prefix: bool = doc(
+        "Prefill each prompt once and decode its G completions from copies of its KV cache "
+        "(same tokens as plain generate under the same seed, faster); false runs HF generate on G prompt copies.",
+        True,
+    )
 
     def validate(self) -> None:
         if self.num_generations < 1:
@@ -54,6 +65,36 @@ def completion_masks(ids_NT: torch.Tensor, end_ids: list[int], pad_id: int) -> t
     mask = (positions[None, :] <= first_end[:, None]).long()
     ids = torch.where(mask.bool(), ids_NT, torch.full_like(ids_NT, pad_id))
     return ids, mask, ~has_end
+
+
+def sample_with_generate(model, family: Family, prompts: PromptBatch, encoded, settings: DecodeSettings) -> torch.Tensor:
+    """Reference sampler: HF ``generate`` on the G copies of each prompt; generated ids only."""
+    group = torch.arange(prompts.num_prompts, device=prompts.input_ids_PT.device).repeat_interleave(
+        settings.num_generations
+    )
+    kwargs = {}
+    if encoded is not None:
+        image_index = prompts.image_index(group.tolist())
+        kwargs["mm_encoder_outputs"] = {"image": family.select_images(encoded, image_index)}
+        kwargs["image_grid_thw"] = prompts.image_grid_thw[image_index]
+    if prompts.mm_token_type_ids_PT is not None:
+        kwargs["mm_token_type_ids"] = prompts.mm_token_type_ids_PT[group]
+    sampling = settings.sampling
+    out = model.generate(
+        input_ids=prompts.input_ids_PT[group],
+        attention_mask=prompts.attention_mask_PT[group],
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None,
+        top_k=settings.top_k if sampling else None,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=settings.end_ids,
+        pad_token_id=settings.pad_id,
+        suppress_tokens=settings.suppress_ids,
+        num_return_sequences=1,
+        **kwargs,
+    )
+    return out[:, prompts.input_ids_PT.shape[1] :]
 
 
 @torch.no_grad()
@@ -83,38 +124,25 @@ def generate_completions(
         truncated_N=torch.zeros(P * G, dtype=torch.bool),
     )
     encoded, _ = encode_prompt_images(model, family, batch_stub, list(range(P)))
-    kwargs = {}
-    if encoded is not None:
-        image_index = prompts.image_index(group.tolist())
-        kwargs["mm_encoder_outputs"] = {"image": family.select_images(encoded, image_index)}
-        kwargs["image_grid_thw"] = prompts.image_grid_thw[image_index]
-    if prompts.mm_token_type_ids_PT is not None:
-        kwargs["mm_token_type_ids"] = prompts.mm_token_type_ids_PT[group]
     tok = processor.tokenizer
-    suppress = [i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0]
-    end_ids = end_token_ids(processor)
-    sampling = cfg.temperature > 0
+    settings = DecodeSettings(
+        num_generations=G,
+        max_new_tokens=max_new,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        suppress_ids=[i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0],
+        end_ids=end_token_ids(processor),
+        pad_id=tok.pad_token_id,
+    )
+    sampler = sample_with_shared_prefix if cfg.share_prefix else sample_with_generate
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=prompts.input_ids_PT[group],
-            attention_mask=prompts.attention_mask_PT[group],
-            do_sample=sampling,
-            temperature=cfg.temperature if sampling else None,
-            top_p=cfg.top_p if sampling else None,
-            top_k=cfg.top_k if sampling else None,
-            max_new_tokens=max_new,
-            eos_token_id=end_ids,
-            pad_token_id=tok.pad_token_id,
-            suppress_tokens=suppress,
-            num_return_sequences=1,
-            **kwargs,
-        )
+        raw = sampler(model, family, prompts, encoded, settings)
     model.train(was_training)
-    raw = out[:, prompts.input_ids_PT.shape[1] :]
-    ids, mask, truncated = completion_masks(raw, end_ids, tok.pad_token_id)
+    ids, mask, truncated = completion_masks(raw, settings.end_ids, settings.pad_id)
     texts = tok.batch_decode([row[m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
     return RolloutBatch(
         prompts=prompts,
