@@ -9,6 +9,7 @@ import torch
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import Policy, RolloutConfig
 from vlreason.models.tiny import FAMILIES, family_available, tiny_model_path
+from vlreason.rollout.forward import completion_hidden_states
 from vlreason.rollout.generate import VISION_TOKENS, completion_masks
 
 G = 4
@@ -113,3 +114,16 @@ def test_micro_batches_share_prompt_data(rows):
     assert part.prompts is batch.prompts
     assert part.group_ids_N.tolist() == [1, 1]
     assert part.texts == batch.texts[4:6]
+
+
+def test_temperature_scales_the_scored_distribution(rows):
+    policy = _policy()
+    batch = policy.sample(policy.prompts(rows), seed=0)
+    plain = policy.token_outputs(batch).logprobs_NT.detach()
+    hot = policy.token_outputs(batch, temperature=2.0).logprobs_NT.detach()
+    hidden = completion_hidden_states(policy.model, policy.family, batch).detach()
+    logits = policy.family.lm_head(policy.model)(hidden) / 2.0
+    ref = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids_NT[..., None])[..., 0]
+    mask = batch.completion_mask_NT.bool()
+    torch.testing.assert_close(hot[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hot[mask], plain[mask])

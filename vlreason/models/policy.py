@@ -66,8 +66,13 @@ class Policy:
     def token_outputs(self, batch: RolloutBatch, **kwargs) -> TokenOutputs:
         return token_outputs(self.model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size, **kwargs)
 
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature completions are sampled at (1 for greedy), for scoring them."""
+        return self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+
     @torch.no_grad()
-    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+    def reference_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
         if not self.has_reference:
             raise RuntimeError("this policy was loaded without a reference model (KL coefficient 0)")
         if self.reference is not None:
@@ -75,7 +80,8 @@ class Policy:
         else:  # LoRA: the base model is the reference
             model, ctx = self.model, self.model.disable_adapter()
         with ctx:
-            out = token_outputs(model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size)
+            out = token_outputs(model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size,
+                                temperature=temperature)
         return out.logprobs_NT.detach()
 
     @property

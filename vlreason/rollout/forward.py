@@ -79,14 +79,20 @@ def token_outputs(
     entropy_grad: bool = False,
     topk: int = 0,
     at_ids_NTK: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> TokenOutputs:
     """Per-token log-probs of the completion tokens (and optional extras) in one forward.
 
-    Only positions under ``completion_mask_NT`` are scored; padding gets 0.
+    Only positions under ``completion_mask_NT`` are scored; padding gets 0. With
+    ``temperature`` != 1 the distribution is softmax(logits / temperature), the one the
+    completions were sampled from (the LM head has no bias, so the hidden states are
+    scaled instead of the logits).
     """
     hidden = completion_hidden_states(model, family, batch)
     mask = batch.completion_mask_NT.bool().to(hidden.device)
     h_MH = hidden[mask]
+    if temperature != 1.0:
+        h_MH = h_MH / temperature
     weight = family.lm_head(model).weight
     ids_M = batch.completion_ids_NT.to(hidden.device)[mask]
     shape = batch.completion_ids_NT.shape

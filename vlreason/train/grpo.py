@@ -145,7 +145,7 @@ class GRPOPhases:
             batch.advantages_N = ADVANTAGES[self.cfg.advantage](batch.rewards_N, G)
         if self.cfg.kl_coef > 0:
             with timer("reference"):
-                batch.ref_logprobs_NT = self.policy.reference_logprobs(batch)
+                batch.ref_logprobs_NT = self.policy.reference_logprobs(batch, self.policy.sampling_temperature)
         metrics = rollout_metrics(batch, G)
         metrics["data/skipped_rows"] = self.skipped_rows
         metrics["data/epoch"] = self.stream.epoch
@@ -160,7 +160,8 @@ class GRPOPhases:
         return aggregate_sum_and_count(mask, mask, self.cfg.aggregation)[1]
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = self.policy.token_outputs(batch)
+        # scored at the sampling temperature: the ratio and KL compare the sampled policy
+        out = self.policy.token_outputs(batch, temperature=self.policy.sampling_temperature)
         device = out.logprobs_NT.device
         mask = batch.completion_mask_NT.to(device)
         # The loop averages gradients over processes; scale so their mean is the global loss.
