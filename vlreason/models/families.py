@@ -45,10 +45,35 @@ class Family:
         return self.patch_size * self.merge_size
 
     # ---- tiny checkpoints ------------------------------------------------------------
+    config_class_name = ""
+
     def tiny_config(self, spec, ids: dict[str, int]):
+        """A small random-init config of this family with the tokenizer's special ids."""
+        return self._tf(self.config_class_name)(
+            text_config=self.tiny_text(spec, ids),
+            vision_config=self.tiny_vision(spec),
+            **self._token_ids(ids),
+            tie_word_embeddings=False,
+        )
+
+    def tiny_vision(self, spec) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _text_config(self, spec, ids: dict[str, int]) -> dict[str, Any]:
+    def _vision_grid(self) -> dict[str, int]:
+        return {"patch_size": self.patch_size, "spatial_merge_size": self.merge_size, "temporal_patch_size": 2}
+
+    def _vision_sizes(self, spec) -> dict[str, Any]:
+        """Vision-tower sizes in the Qwen2.5-VL / Qwen3-VL naming."""
+        return {
+            "depth": spec.vision_depth,
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_mlp,
+            "num_heads": spec.vision_heads,
+            "out_hidden_size": spec.text_hidden,
+            **self._vision_grid(),
+        }
+
+    def tiny_text(self, spec, ids: dict[str, int]) -> dict[str, Any]:
         head_dim = spec.text_hidden // spec.text_heads
         return {
             "vocab_size": spec.vocab_size,
@@ -154,60 +179,41 @@ def _mrope_sections(head_dim: int) -> list[int]:
 
 
 class Qwen2VLFamily(Family):
-    def tiny_config(self, spec, ids):
-        cfg_cls = self._tf("Qwen2VLConfig")
-        text = self._text_config(spec, ids)
-        vision = {
+    config_class_name = "Qwen2VLConfig"
+
+    def tiny_vision(self, spec) -> dict[str, Any]:
+        return {
             "depth": spec.vision_depth,
             "embed_dim": spec.vision_hidden,
             "hidden_size": spec.text_hidden,  # output size of the merger
             "num_heads": spec.vision_heads,
             "mlp_ratio": max(1, spec.vision_mlp // spec.vision_hidden),
-            "patch_size": self.patch_size,
-            "spatial_merge_size": self.merge_size,
-            "temporal_patch_size": 2,
+            **self._vision_grid(),
         }
-        return cfg_cls(text_config=text, vision_config=vision, **self._token_ids(ids), tie_word_embeddings=False)
 
 
 class Qwen25VLFamily(Family):
-    def tiny_config(self, spec, ids):
-        cfg_cls = self._tf("Qwen2_5_VLConfig")
-        text = self._text_config(spec, ids)
-        vision = {
-            "depth": spec.vision_depth,
-            "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_mlp,
-            "num_heads": spec.vision_heads,
-            "out_hidden_size": spec.text_hidden,
-            "patch_size": self.patch_size,
-            "spatial_merge_size": self.merge_size,
-            "temporal_patch_size": 2,
+    config_class_name = "Qwen2_5_VLConfig"
+
+    def tiny_vision(self, spec) -> dict[str, Any]:
+        return {
+            **self._vision_sizes(spec),
             "window_size": 112,
             "fullatt_block_indexes": [spec.vision_depth - 1],
         }
-        return cfg_cls(text_config=text, vision_config=vision, **self._token_ids(ids), tie_word_embeddings=False)
 
 
 class Qwen3VLFamily(Family):
-    def tiny_config(self, spec, ids):
-        cfg_cls = self._tf("Qwen3VLConfig")
-        text = self._text_config(spec, ids)
+    config_class_name = "Qwen3VLConfig"
+
+    def tiny_text(self, spec, ids: dict[str, int]) -> dict[str, Any]:
+        text = super().tiny_text(spec, ids)
         text["head_dim"] = spec.text_hidden // spec.text_heads
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision = {
-            "depth": spec.vision_depth,
-            "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_mlp,
-            "num_heads": spec.vision_heads,
-            "out_hidden_size": spec.text_hidden,
-            "patch_size": self.patch_size,
-            "spatial_merge_size": self.merge_size,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        }
-        return cfg_cls(text_config=text, vision_config=vision, **self._token_ids(ids), tie_word_embeddings=False)
+        return text
+
+    def tiny_vision(self, spec) -> dict[str, Any]:
+        return {**self._vision_sizes(spec), "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
 
 
 FAMILIES: dict[str, Family] = {
