@@ -59,6 +59,8 @@ def test_every_shipped_yaml_loads():
     configs = sorted((Path(__file__).parents[1] / "recipes" / "configs").rglob("*.yaml"))
     assert configs, "no shipped configs found"
     for path in configs:
-        name = path.stem.split("_")[0] if path.stem.split("_")[0] in RECIPES else path.parent.name
+        # the longest recipe name that is the stem or prefixes it ("vision_r1_paper" -> vision_r1)
+        prefixes = [r for r in RECIPES if path.stem == r or path.stem.startswith(r + "_")]
+        name = max(prefixes, key=len) if prefixes else path.parent.name
         assert name in RECIPES, f"{path}: cannot tell which recipe it configures"
         load_config(recipe_class(name).config_class, path)

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,13 @@ import numpy as np
 import torch
 
 from vlreason.config import ConfigError, describe, doc, load_config, save_config
+from vlreason.train.checkpoint import latest_checkpoint
 
 # name -> "module:Class"; recipes never inherit from each other.
 RECIPES: dict[str, str] = {
     "grpo": "recipes.grpo:GRPORecipe",
     "sft": "recipes.sft:SFTRecipe",
+    "vision_r1": "recipes.vision_r1:VisionR1Recipe",
 }
 
 
@@ -27,6 +30,10 @@ RECIPES: dict[str, str] = {
 class DataConfig:
     train: str = doc("Canonical training dataset directory; empty: the bundled demo data.", "")
     eval: str = doc("Canonical evaluation dataset directory; empty: the bundled demo eval split.", "")
+
+
+class SetupError(RuntimeError):
+    """A recipe could not start: bad model path, missing or empty dataset, bad settings."""
 
 
 def recipe_class(name: str):
@@ -50,17 +57,37 @@ def init_distributed() -> None:
         PartialState()  # initialises torch.distributed (gloo on CPU, nccl on CUDA)
 
 
+def check_output_dir(cfg) -> None:
+    """Refuse to mix a fresh run into an earlier run's directory, unless asked."""
+    out = Path(cfg.output_dir)
+    if not cfg.resume and not cfg.overwrite and out.exists() and latest_checkpoint(out) is not None:
+        raise ConfigError(
+            f"output_dir {out} holds checkpoints of an earlier run; pass resume=auto to "
+            "continue it, overwrite=true to start over, or another output_dir"
+        )
+
+
 def run_recipe(recipe_cls, config_path: str | None, overrides: list[str]) -> Path:
     cfg = load_config(recipe_cls.config_class, config_path, overrides)
     if not cfg.model.name_or_path:  # the recipe's embedded default model, recorded in config.yaml
         cfg.model.name_or_path = str(recipe_cls.default_model())
     init_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(cfg)  # on every process, before any of them changes the directory
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        out = Path(cfg.output_dir)
+        if cfg.overwrite and not cfg.resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     recipe = recipe_cls(cfg)
-    recipe.setup()
+    try:
+        recipe.setup()
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise SetupError(str(err)) from err
     try:
         result = recipe.train()
     finally:
@@ -83,6 +110,9 @@ def run_from_args(recipe_cls, name: str, args: argparse.Namespace) -> int:
         result = run_recipe(recipe_cls, args.config, args.overrides)
     except ConfigError as err:
         print(f"vlreason train {name}: config error: {err}", file=sys.stderr)
+        return 2
+    except SetupError as err:
+        print(f"vlreason train {name}: error: {err}", file=sys.stderr)
         return 2
     print(f"done: {result}")
     return 0

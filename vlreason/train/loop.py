@@ -8,7 +8,8 @@ A recipe hands the loop an object with four methods:
   scaled so that the micro-batch losses of a step add up to the step's loss;
 * ``state_dict()`` / ``load_state_dict(state)``: data position and recipe state (stage,
   counters), stored in every checkpoint;
-* ``after_update(step)``: anything after the optimizer step (e.g. an EMA teacher).
+* ``after_update(step) -> dict | None``: anything after the optimizer step (e.g. an EMA
+  teacher, a stage-end evaluation); metrics it returns join the step's metrics line.
 
 The loop owns the optimizer and schedule, gradient clipping, the gradient all-reduce
 across processes, NaN-step skipping, metrics, checkpoints (every ``save_steps``, on
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,7 +83,7 @@ class Recipe(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def after_update(self, step: int) -> None: ...
+    def after_update(self, step: int) -> dict[str, Any] | None: ...
 
 
 class TrainingStopped(RuntimeError):
@@ -118,7 +120,11 @@ def mean_metrics(metric_list: list[dict[str, Any]]) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: LoopConfig, recipe: Recipe, *, full_config: Any = None, save_final=None):
+    def __init__(self, cfg: LoopConfig, recipe: Recipe, *, full_config: Any = None, save_final=None,
+                 lr_lambda: Callable[[int], float] | None = None):
+        """``lr_lambda(step)`` replaces the warm-up + cosine/constant schedule of
+        ``cfg.optim`` (a multiplier of ``cfg.optim.lr`` as a function of the global step),
+        for recipes whose phases need their own rates."""
         self.cfg = cfg
         self.recipe = recipe
         self.full_config = full_config
@@ -132,10 +138,13 @@ class Trainer:
         named = [(n, p) for n, p in recipe.model.named_parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = build_optimizer(named, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        self.scheduler = build_scheduler(
-            self.optimizer, warmup_steps=o.warmup_steps, total_steps=cfg.max_steps,
-            kind=o.schedule, min_lr_ratio=o.min_lr_ratio,
-        )
+        if lr_lambda is not None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        else:
+            self.scheduler = build_scheduler(
+                self.optimizer, warmup_steps=o.warmup_steps, total_steps=cfg.max_steps,
+                kind=o.schedule, min_lr_ratio=o.min_lr_ratio,
+            )
         self.step = 0
         self.nan_steps = 0
 
@@ -259,19 +268,19 @@ class Trainer:
             finite = self.agree(finite and math.isfinite(grad_norm))
             if finite:
                 self.optimizer.step()
-                self.scheduler.step()
             else:
                 self.nan_steps += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)",
                             self.step + 1, self.nan_steps)
             self.optimizer.zero_grad(set_to_none=True)
-        if finite:
-            self.recipe.after_update(self.step)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()  # the schedule follows the global step, skipped steps included
+        extra = (self.recipe.after_update(self.step) if finite else None) or {}
         self.step += 1
-        out = {**metrics, **mean_metrics(step_metrics)}
+        out = {**metrics, **mean_metrics(step_metrics), **extra}
         out["loss"] = sum(float(m["loss"]) for m in step_metrics) if step_metrics else float("nan")
         out = self.mean_over_processes(out)
-        out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped_steps=self.nan_steps)
+        out.update(grad_norm=grad_norm, lr=lr, skipped_steps=self.nan_steps)
         out.update(timer.pop())
         return out
 
