@@ -74,3 +74,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, rows):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_old_transformers_is_refused(monkeypatch):
+    import pytest
+    import transformers
+
+    from vlreason.models.families import check_transformers
+
+    check_transformers()  # the installed one is new enough
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match="needs transformers >= 5.24"):
+        check_transformers()

@@ -233,6 +233,22 @@ FAMILIES: dict[str, Family] = {
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 
 
+MIN_TRANSFORMERS = (5, 24)
+
+
+def check_transformers() -> None:
+    """Older transformers silently ignore pre-encoded images (``mm_encoder_outputs``,
+    5.18) or name the KV cache differently (``cache``, 5.24): refuse them loudly."""
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if version < MIN_TRANSFORMERS:
+        raise RuntimeError(
+            f"vlreason needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, found "
+            f"{transformers.__version__}: older versions ignore pre-encoded images without an error"
+        )
+
+
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family '{name}'; supported: {', '.join(FAMILIES)}")
@@ -241,6 +257,7 @@ def get_family(name: str) -> Family:
 
 def family_for_config(config) -> Family:
     """The adapter for a loaded model's config (by ``model_type``)."""
+    check_transformers()
     model_type = getattr(config, "model_type", None)
     if model_type not in _BY_MODEL_TYPE:
         raise ValueError(

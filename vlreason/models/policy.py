@@ -28,7 +28,9 @@ from vlreason.views.budget import PixelBudget
 class RolloutConfig(SamplingConfig):
     min_pixels: int = doc("Pixel budget minimum, shared by every role that sees an image.", 56 * 56)
     max_pixels: int = doc("Pixel budget maximum, shared by every role that sees an image.", 112 * 112)
-    logprob_chunk_size: int = doc("Tokens per chunk when computing log-probs through the LM head.", 1024)
+    logprob_chunk_size: int = doc(
+        "Tokens per chunk when computing log-probs through the LM head: the largest transient "
+        "is chunk x vocabulary fp32 (256 x 151,936 x 4 B = 156 MB).", 256)
     prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Prompt format."})
 
 
