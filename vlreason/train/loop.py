@@ -69,6 +69,8 @@ class LoopConfig:
     max_nan_steps: int = doc("Stop after this many skipped non-finite steps.", 5)
     trackers: list[str] = doc("Metric sinks: jsonl, tensorboard, wandb.", ["jsonl", "tensorboard"])
     progress: bool = doc("Show a progress bar.", True)
+    bf16_autocast: bool = doc("Run forward passes under bf16 autocast on CUDA (no effect on CPU); "
+                              "fp32 weights then keep fp32 master copies.", True)
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
 
 
@@ -251,13 +253,20 @@ class Trainer:
                 log.error("training failed at step %d; last finished step saved to %s", self.step + 1, path)
             raise
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.bf16_autocast and torch.cuda.is_available():
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def train_step(self, timer: StepTimer) -> dict[str, Any]:
-        micro_batches, metrics = self.recipe.prepare(self.step, timer)
+        with self.autocast():
+            micro_batches, metrics = self.recipe.prepare(self.step, timer)
         step_metrics = []
         finite = True
         with timer("update"):
             for micro in micro_batches:
-                loss, m = self.recipe.step(micro)
+                with self.autocast():
+                    loss, m = self.recipe.step(micro)
                 if not torch.isfinite(loss.detach()):
                     finite = False
                     break
