@@ -223,6 +223,7 @@ def plot_metrics(
     fig = Figure(figsize=(6.4 * ncols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     stages = _stage_starts(records)
+    steps = [r["step"] for r in records]
     for ax, (panel_title, panel_keys) in zip(axes, panels):
         if panel_keys:
             _draw_lines(ax, records, panel_keys, smooth)
@@ -230,12 +231,14 @@ def plot_metrics(
         else:
             _draw_time_split(ax, records, smooth)
         _draw_stages(ax, stages)
+        # one step range on every panel, so a metric that only exists in a later stage
+        # (e.g. reward after a cold start) still lines up and every stage label is inside
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
         ax.grid(alpha=0.3)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    steps = [r["step"] for r in records]
     fig.suptitle(
         f"{title or 'training curves'}  (steps {min(steps)}-{max(steps)}, {len(records)} records)",
         fontsize=11,
