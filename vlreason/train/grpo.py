@@ -28,6 +28,7 @@ from vlreason.data.stream import RowStream, shard
 from vlreason.models.policy import Policy
 from vlreason.rewards import get_reward
 from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.prompts import decode_row_images
 from vlreason.train.loop import world
 from vlreason.train.metrics import StepTimer
 
@@ -107,29 +108,34 @@ class GRPOPhases:
                         "group-normalised advantage is 0 and GRPO cannot learn; use G >= 2")
 
     def next_prompts(self, step: int):
-        """This process's share of the step's prompts; rows that cannot be used are
-        reported and replaced (never silently dropped, never a crash)."""
+        """This process's share of the step's prompts. Rows whose image no longer decodes
+        or whose prompt is too long are reported, counted and left out (never silently
+        dropped, never a crash, never cut through image tokens)."""
         rank, size = world()
-        rows = shard(self.stream.next_rows(self.cfg.prompts_per_step), rank, size)
-        usable = []
-        for row in rows:
+        rows, images = [], []
+        for row in shard(self.stream.next_rows(self.cfg.prompts_per_step), rank, size):
             try:
-                batch = self.policy.prompts([row])
+                images.append(decode_row_images(row))
+                rows.append(row)
             except ValueError as err:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
-                continue
-            length = int(batch.attention_mask_PT.sum())
-            if length > self.policy.rollout.prompt.max_prompt_tokens:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': prompt has %d tokens (image tokens included) > "
-                            "rollout.prompt.max_prompt_tokens=%d; prompts are never cut through image tokens",
-                            step + 1, row.get("id"), length, self.policy.rollout.prompt.max_prompt_tokens)
-                continue
-            usable.append(row)
-        if not usable:
+                self.skip(step, row, str(err))
+        limit = self.policy.rollout.prompt.max_prompt_tokens
+        prompts = self.policy.prompts(rows, images=images) if rows else None
+        if prompts is not None and bool((prompts.attention_mask_PT.sum(-1) > limit).any()):
+            lengths = prompts.attention_mask_PT.sum(-1).tolist()
+            keep = [i for i, n in enumerate(lengths) if n <= limit]
+            for i in sorted(set(range(len(rows))) - set(keep)):
+                self.skip(step, rows[i], f"prompt has {lengths[i]} tokens (image tokens included) > "
+                          f"rollout.prompt.max_prompt_tokens={limit}; prompts are never cut through image tokens")
+            rows, images = [rows[i] for i in keep], [images[i] for i in keep]
+            prompts = self.policy.prompts(rows, images=images) if rows else None
+        if prompts is None:
             raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
-        return self.policy.prompts(usable)
+        return prompts
+
+    def skip(self, step: int, row: dict[str, Any], reason: str) -> None:
+        self.skipped_rows += 1
+        log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), reason)
 
     def prepare(self, step: int, timer: StepTimer, *, num_generations: int | None = None,
                 max_new_tokens: int | None = None) -> tuple[list[RolloutBatch], dict[str, Any]]:
