@@ -7,6 +7,7 @@ next to the mean accuracy.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from vlreason.models.policy import Policy
 from vlreason.rewards.accuracy import accuracy_reward
 from vlreason.rewards.format import format_reward
 from vlreason.rollout.generate import SamplingConfig
+from vlreason.rollout.prompts import decode_row_images
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,19 +46,32 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, dataset, cfg: EvalConfig, *, progress: bool = False) -> dict[str, Any]:
-    """Metrics of ``policy`` on ``dataset`` (canonical rows) and the per-row records."""
+def evaluate(policy: Policy, dataset, cfg: EvalConfig, *,
+             progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary metrics, one record per completion) of ``policy`` on ``dataset``.
+
+    A row whose image no longer decodes is left out with a warning and counted in
+    ``skipped_rows``; every other row is scored."""
     n = len(dataset) if not cfg.limit else min(cfg.limit, len(dataset))
     if n == 0:
         raise ValueError("the evaluation dataset is empty")
     sampling = SamplingConfig(num_generations=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature)
-    records = []
+    records, skipped = [], 0
     was_training = policy.model.training
     policy.model.eval()
     for start in tqdm(range(0, n, cfg.batch_size), disable=not progress, desc="eval", unit="batch"):
-        rows = [dataset[i] for i in range(start, min(start + cfg.batch_size, n))]
-        rollout = policy.sample(policy.prompts(rows), seed=cfg.seed + start, sampling=sampling)
+        rows, images = [], []
+        for i in range(start, min(start + cfg.batch_size, n)):
+            try:
+                images.append(decode_row_images(dataset[i]))
+                rows.append(dataset[i])
+            except ValueError as err:
+                skipped += 1
+                log.warning("eval: skipping row '%s': %s", dataset[i].get("id"), err)
+        if not rows:
+            continue
+        rollout = policy.sample(policy.prompts(rows, images=images), seed=cfg.seed + start, sampling=sampling)
         for i, text in enumerate(rollout.texts):
             row = rows[int(rollout.group_ids_N[i])]
             records.append({
@@ -67,7 +84,9 @@ def evaluate(policy: Policy, dataset, cfg: EvalConfig, *, progress: bool = False
                 "truncated": bool(rollout.truncated_N[i]),
             })
     policy.model.train(was_training)
-    return summarise(records, cfg.num_samples), records
+    if not records:
+        raise ValueError(f"no evaluation row could be used ({skipped} skipped)")
+    return {**summarise(records, cfg.num_samples), "skipped_rows": skipped}, records
 
 
 def summarise(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
