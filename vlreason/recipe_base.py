@@ -23,6 +23,7 @@ RECIPES: dict[str, str] = {
     "grpo": "recipes.grpo:GRPORecipe",
     "sft": "recipes.sft:SFTRecipe",
     "vision_r1": "recipes.vision_r1:VisionR1Recipe",
+    "vision_opd": "recipes.vision_opd:VisionOPDRecipe",
 }
 
 

@@ -9,7 +9,10 @@ A recipe hands the loop an object with four methods:
 * ``state_dict()`` / ``load_state_dict(state)``: data position and recipe state (stage,
   counters), stored in every checkpoint;
 * ``after_update(step) -> dict | None``: anything after the optimizer step (e.g. an EMA
-  teacher, a stage-end evaluation); metrics it returns join the step's metrics line.
+  teacher, a stage-end evaluation); metrics it returns join the step's metrics line;
+* optionally ``save_extra(dir)`` / ``load_extra(dir)``: tensors of the recipe's own (an
+  EMA teacher) written into and read from the checkpoint directory itself, so they are
+  atomic and pruned with it.
 
 The loop owns the optimizer and schedule, gradient clipping, the gradient all-reduce
 across processes, NaN-step skipping, metrics, checkpoints (every ``save_steps``, on
@@ -164,6 +167,7 @@ class Trainer:
                 trainer_state={"nan_steps": self.nan_steps, "recipe": self.recipe.state_dict()},
                 config=to_dict(self.full_config) if self.full_config is not None else None,
                 keep_last=self.cfg.keep_last or None,
+                extra=getattr(self.recipe, "save_extra", None),
             )
         if self.world_size > 1:
             dist.barrier()
@@ -184,6 +188,8 @@ class Trainer:
         self.step = int(state["step"])
         self.nan_steps = int(state.get("nan_steps", 0))
         self.recipe.load_state_dict(state.get("recipe", {}))
+        if hasattr(self.recipe, "load_extra"):
+            self.recipe.load_extra(path)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 

@@ -1,0 +1,232 @@
+"""The Vision-OPD recipe: a short run (loss finite, student and EMA teacher move, metrics,
+teacher files next to the checkpoints), a frozen teacher with ``teacher.ema=0``, the
+teacher really sees the crop, loss 0 when teacher == student on the same image, rows
+without boxes, stop + ``resume=auto`` == an uninterrupted run (teacher included), and
+(slow) the student's JSD to the teacher falls over training.
+
+Runs go through ``vlreason.recipe_base.run_recipe`` (the CLI registry entry is added
+separately)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipes.vision_opd import TEACHER_FILE, VisionOPDRecipe
+from vlreason.config import load_config
+from vlreason.recipe_base import run_recipe
+from vlreason.train.metrics import StepTimer
+from vlreason.views import crop_to_box
+
+FAST = ["rollout.num_generations=2", "rollout.max_new_tokens=24", "algorithm.prompts_per_step=2",
+        "algorithm.micro_batch_prompts=1", "optim.lr=1e-3", "progress=false", "trackers=[jsonl]", "keep_last=0"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(run: Path, *overrides: str) -> Path:
+    return run_recipe(VisionOPDRecipe, None, [f"output_dir={run}", *FAST, *overrides])
+
+
+def test_shipped_config_is_the_embedded_default_and_bad_values_are_refused():
+    from vlreason.config import ConfigError, to_dict
+
+    cls = VisionOPDRecipe.config_class
+    shipped = Path(__file__).parents[2] / "recipes" / "configs" / "vision_opd.yaml"
+    assert to_dict(load_config(cls, shipped)) == to_dict(load_config(cls))
+    cfg = load_config(cls)
+    assert (cfg.teacher.ema, cfg.algorithm.alpha, cfg.algorithm.topk, cfg.algorithm.ratio_cap) == (0.05, 0.5, 100, 2.0)
+    for bad in ("teacher.ema=1.5", "teacher.view=zoom", "teacher.no_box=drop", "algorithm.divergence=tv"):
+        with pytest.raises((ConfigError, ValueError)):
+            load_config(cls, None, [bad])
+
+
+@pytest.fixture(scope="module")
+def base_weights() -> dict[str, torch.Tensor]:
+    """The default start (assets/warm-tiny) under the model's parameter names."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlreason.paths import warm_model
+
+    model = AutoModelForImageTextToText.from_pretrained(warm_model())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run, checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("opd") / "straight"
+    _run(run, "max_steps=4", "save_steps=2")
+    return run
+
+
+def test_run_trains_student_and_ema_teacher(straight, base_weights):
+    records = _metrics(straight)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "jsd", "agreement", "completion_len", "truncated_frac", "weight_mean",
+                "teacher/distance", "data/skipped_rows", "data/no_box_rows",
+                "time/rollout", "time/student_topk", "time/teacher", "time/update"):
+        assert key in records[-1], key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(0.0 <= r["agreement"] <= 1.0 for r in records)
+    # one update per rollout: the importance weight is 1 (up to rounding)
+    assert all(abs(r["weight_mean"] - 1.0) < 1e-4 for r in records)
+    # the teacher is fed the crop: fewer image tokens than the student's full image
+    assert records[0]["teacher_image_tokens"] < records[0]["student_image_tokens"]
+
+    student = load_file(str(straight / "checkpoints" / "step-4" / "model.safetensors"))
+    assert student.keys() <= base_weights.keys()
+    unchanged = [n for n in student if torch.equal(student[n], base_weights[n])]
+    assert not unchanged, f"trainable tensors that did not change: {unchanged}"
+    # the teacher moved by EMA: away from the start, but not all the way to the student
+    teacher = load_file(str(straight / "checkpoints" / "step-4" / TEACHER_FILE))
+    assert teacher.keys() == student.keys()
+    assert all(not torch.equal(teacher[n], base_weights[n]) for n in teacher)
+    for n in teacher:
+        assert (teacher[n] - base_weights[n]).norm() < (student[n] - base_weights[n]).norm(), n
+    assert (straight / "checkpoints" / "step-2" / TEACHER_FILE).is_file()  # in every checkpoint
+    assert (straight / "final" / "model.safetensors").is_file()
+
+
+def test_stop_and_resume_matches_uninterrupted_run(straight, tmp_path):
+    """Stopped after 2 steps (checkpoint with its teacher), resumed to 4: same student,
+    same teacher, same metrics as the straight run."""
+    run = tmp_path / "resumed"
+    _run(run, "max_steps=2")
+    assert (run / "checkpoints" / "step-2" / TEACHER_FILE).is_file()
+    _run(run, "max_steps=4", "resume=auto")
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
+    for name in ("checkpoints/step-4/model.safetensors", f"checkpoints/step-4/{TEACHER_FILE}"):
+        a, b = load_file(str(straight / name)), load_file(str(run / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+    for ra, rb in zip(_metrics(straight), _metrics(run)):
+        assert ra["jsd"] == pytest.approx(rb["jsd"], rel=1e-5, abs=1e-7)
+        assert ra["completion_len"] == rb["completion_len"]
+
+
+def test_ema_zero_keeps_the_teacher_frozen(tmp_path, base_weights):
+    run = tmp_path / "frozen"
+    _run(run, "max_steps=2", "teacher.ema=0")
+    teacher = load_file(str(run / "checkpoints" / "step-2" / TEACHER_FILE))
+    student = load_file(str(run / "checkpoints" / "step-2" / "model.safetensors"))
+    assert all(torch.equal(teacher[n], base_weights[n]) for n in teacher)
+    assert any(not torch.equal(student[n], base_weights[n]) for n in student)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A set-up recipe for in-process checks (no training loop)."""
+    cfg = load_config(VisionOPDRecipe.config_class, None, [
+        f"output_dir={tmp_path_factory.mktemp('opd') / 'inproc'}", *FAST])
+    cfg.model.name_or_path = str(VisionOPDRecipe.default_model())
+    r = VisionOPDRecipe(cfg)
+    r.setup()
+    return r
+
+
+def _first_row(recipe) -> dict:
+    return recipe.stream.dataset[0]
+
+
+def test_teacher_input_is_the_crop(recipe):
+    from vlreason.rollout.prompts import decode_row_images
+
+    row = _first_row(recipe)
+    recipe.stream.position = 0
+    recipe.stream.shuffle = False
+    student, teacher = recipe.next_prompts(0)
+    full = decode_row_images(row)[0]
+    t = recipe.cfg.teacher
+    crop = crop_to_box(full, row["boxes"][0], margin=t.margin, upscale=t.upscale, min_size=t.min_size)
+    expected_teacher = recipe.policy.prompts([row], images=[[crop]])
+    expected_student = recipe.policy.prompts([row])
+    n_t = int(expected_teacher.image_grid_thw.prod(-1).item())
+    n_s = int(expected_student.image_grid_thw.prod(-1).item())
+    assert not torch.equal(teacher.image_grid_thw[0], student.image_grid_thw[0])
+    torch.testing.assert_close(teacher.image_grid_thw[0], expected_teacher.image_grid_thw[0])
+    torch.testing.assert_close(teacher.pixel_values[:n_t], expected_teacher.pixel_values)
+    torch.testing.assert_close(student.pixel_values[:n_s], expected_student.pixel_values)
+    assert [r["id"] for r in teacher.rows] == [r["id"] for r in student.rows]
+    # draw_box changes the student's image (a red outline), not the teacher's crop
+    recipe.cfg.algorithm.draw_box = True
+    try:
+        s_img, t_img = recipe.views(row)
+    finally:
+        recipe.cfg.algorithm.draw_box = False
+    import numpy as np
+
+    assert not np.array_equal(np.asarray(s_img[0]), np.asarray(full))
+    assert s_img[0].size == full.size and t_img[0].size == crop.size
+
+
+def test_loss_is_zero_when_teacher_is_student_on_the_same_image(recipe):
+    recipe.cfg.teacher.view = "full"
+    try:
+        micro, metrics = recipe.prepare(0, StepTimer())
+        losses = [recipe.step(mb)[0] for mb in micro]
+    finally:
+        recipe.cfg.teacher.view = "crop"
+    total = sum(float(loss.detach()) for loss in losses)
+    assert abs(total) < 1e-6
+    assert metrics["jsd"] < 1e-6 and metrics["agreement"] == 1.0
+    assert all(loss.requires_grad for loss in losses)
+
+
+def test_rows_without_a_box_are_skipped_and_counted_or_use_the_full_image(recipe):
+    from vlreason.data.stream import RowStream
+
+    with_box = dict(_first_row(recipe))
+    without = {**with_box, "id": "no-box", "boxes": []}
+    old_stream = recipe.stream
+    try:
+        recipe.cfg.algorithm.prompts_per_step = 2
+        recipe.stream = RowStream([without, with_box], seed=0, shuffle=False)
+        before = recipe.no_box_rows
+        student, teacher = recipe.next_prompts(0)
+        assert [r["id"] for r in student.rows] == [with_box["id"]]
+        assert recipe.no_box_rows == before + 1
+        recipe.cfg.teacher.no_box = "full"
+        recipe.stream = RowStream([without, with_box], seed=0, shuffle=False)
+        student, teacher = recipe.next_prompts(0)
+        assert [r["id"] for r in student.rows] == ["no-box", with_box["id"]]
+        assert torch.equal(student.image_grid_thw[0], teacher.image_grid_thw[0])  # full image for both
+        assert not torch.equal(student.image_grid_thw[1], teacher.image_grid_thw[1])  # the crop
+    finally:
+        recipe.cfg.teacher.no_box = "skip"
+        recipe.stream = old_stream
+
+
+def test_ema_update_is_the_paper_formula(recipe):
+    """after_update: theta_T <- 0.95 theta_T + 0.05 theta_S on the trainable tensors."""
+    student = dict(recipe.model.named_parameters())
+    teacher = dict(recipe.teacher.named_parameters())
+    name = recipe.trainable[0]
+    saved_s, saved_t = student[name].detach().clone(), teacher[name].detach().clone()
+    try:
+        with torch.no_grad():
+            student[name].add_(torch.randn_like(student[name]))
+        expected = 0.95 * saved_t + 0.05 * student[name].detach()
+        metrics = recipe.after_update(0)
+        torch.testing.assert_close(teacher[name].detach(), expected, atol=1e-6, rtol=1e-6)
+        assert metrics["teacher/distance"] > 0
+    finally:
+        with torch.no_grad():
+            student[name].copy_(saved_s)
+            teacher[name].copy_(saved_t)
+
+
+@pytest.mark.slow
+def test_student_jsd_to_the_teacher_falls(tmp_path):
+    run = tmp_path / "learn"
+    _run(run, "max_steps=10", "teacher.ema=0", "algorithm.prompts_per_step=4", "rollout.num_generations=4")
+    jsd = [r["jsd"] for r in _metrics(run)]
+    first, last = sum(jsd[:3]) / 3, sum(jsd[-3:]) / 3
+    assert last < first, jsd
