@@ -24,6 +24,7 @@ RECIPES: dict[str, str] = {
     "sft": "recipes.sft:SFTRecipe",
     "vision_r1": "recipes.vision_r1:VisionR1Recipe",
     "vision_opd": "recipes.vision_opd:VisionOPDRecipe",
+    "dvrp": "recipes.dvrp:DVRPRecipe",
 }
 
 

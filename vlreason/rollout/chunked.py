@@ -577,3 +577,27 @@ def chunked_logsumexp(
         stop = min(start + chunk_size, M)
         lse_M[start:stop] = _logsumexp_(_chunk_logits(hidden_MH[start:stop], w_VH, math_dtype))
     return lse_M.reshape(lead)
+
+
+def chunked_full_kl(hidden_p_MH: Tensor, hidden_q_MH: Tensor, weight_VH: Tensor, *,
+                    chunk_size: int = 256) -> Tensor:
+    """Exact per-position KL(P || Q) over the whole vocabulary, P = softmax(h_p W^T),
+    Q = softmax(h_q W^T), ``chunk_size`` positions at a time.
+
+    With gradients each chunk runs under activation checkpointing: backward recomputes
+    that chunk's logits, so no ``[M, V]`` tensor is ever kept.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from vlreason.algorithms.divergence import kl_from_logits
+
+    def one(hp: Tensor, hq: Tensor, w: Tensor) -> Tensor:
+        return kl_from_logits(hp @ w.T, hq @ w.T)
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden_p_MH, hidden_q_MH, weight_VH))
+    parts = []
+    for start in range(0, hidden_p_MH.shape[0], chunk_size):
+        hp, hq = hidden_p_MH[start:start + chunk_size], hidden_q_MH[start:start + chunk_size]
+        parts.append(checkpoint(one, hp, hq, weight_VH, use_reentrant=False) if needs_grad else one(hp, hq, weight_VH))
+    return torch.cat(parts) if parts else hidden_p_MH.new_zeros(0, dtype=torch.float32)

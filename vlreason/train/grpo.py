@@ -168,18 +168,23 @@ class GRPOPhases:
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         # scored at the sampling temperature: the ratio and KL compare the sampled policy
         out = self.policy.token_outputs(batch, temperature=self.policy.sampling_temperature)
-        device = out.logprobs_NT.device
+        return self.loss_from_logprobs(out.logprobs_NT, batch)
+
+    def loss_from_logprobs(self, logprobs_NT: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Clipped surrogate (+ beta x KL) of a micro-batch whose log-probs (with gradient,
+        at the sampling temperature) a recipe has already computed."""
+        device = logprobs_NT.device
         mask = batch.completion_mask_NT.to(device)
         # The loop averages gradients over processes; scale so their mean is the global loss.
         count = self.normaliser / world()[1]
         max_tokens = self.policy.rollout.max_new_tokens
         loss, metrics = clipped_surrogate(
-            out.logprobs_NT, None, batch.advantages_N.to(device), mask,
+            logprobs_NT, None, batch.advantages_N.to(device), mask,
             clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
             agg_mode=self.cfg.aggregation, max_tokens=max_tokens, global_count=count,
         )
         if self.cfg.kl_coef > 0:
-            kl_BT = self.kl_fn(out.logprobs_NT, batch.ref_logprobs_NT.to(device))
+            kl_BT = self.kl_fn(logprobs_NT, batch.ref_logprobs_NT.to(device))
             kl = aggregate(kl_BT, mask, self.cfg.aggregation, max_tokens=max_tokens, global_count=count)
             loss = loss + self.cfg.kl_coef * kl
             metrics["kl"] = float(kl.detach()) * count / max(self._count(batch).item(), 1e-8)
