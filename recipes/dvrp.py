@@ -63,12 +63,11 @@ from PIL import Image
 from vlreason.algorithms.divergence import dvrp_regularizer, sampled_token_kl
 from vlreason.algorithms.kl import KL_ESTIMATORS
 from vlreason.config import doc
-from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
-from vlreason.paths import demo_data, warm_model
-from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.models.policy import RolloutConfig
+from vlreason.paths import warm_model
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.chunked import chunked_entropy, chunked_full_kl, gather_logprobs
 from vlreason.rollout.forward import completion_hidden_states
@@ -196,11 +195,9 @@ class DVRPRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.policy = Policy.load(cfg.model, cfg.rollout, device=device, with_reference=cfg.algorithm.kl_coef > 0)
+        self.policy = load_policy(cfg, with_reference=cfg.algorithm.kl_coef > 0)
         self.model = self.policy.model
-        self.train_data = load_canonical(cfg.data.train or demo_data("train"))
+        self.train_data = load_split(cfg.data.train, "train")
         self.row_index = {str(i): k for k, i in enumerate(self.train_data["id"])}
         self.stream = RowStream(self.train_data, seed=cfg.seed)
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 
 from vlreason.config import doc
-from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
-from vlreason.paths import demo_data, warm_model
-from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.models.policy import RolloutConfig
+from vlreason.paths import warm_model
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
@@ -62,11 +61,9 @@ class GRPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.policy = Policy.load(cfg.model, cfg.rollout, device=device, with_reference=cfg.algorithm.kl_coef > 0)
+        self.policy = load_policy(cfg, with_reference=cfg.algorithm.kl_coef > 0)
         self.model = self.policy.model
-        train = load_canonical(cfg.data.train or demo_data("train"))
+        train = load_split(cfg.data.train, "train")
         self.stream = RowStream(train, seed=cfg.seed)
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)

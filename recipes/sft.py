@@ -19,14 +19,12 @@ from typing import Any
 import torch
 
 from vlreason.config import doc
-from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
-from vlreason.paths import demo_data
-from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
 from vlreason.train.loop import LoopConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sft import SFTConfig, SFTPhases
@@ -57,18 +55,16 @@ class SFTRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.policy = Policy.load(cfg.model, cfg.rollout, device=device)
+        self.policy = load_policy(cfg)
         self.model = self.policy.model
-        self.stream = RowStream(load_canonical(cfg.data.train or demo_data("train")), seed=cfg.seed)
+        self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
         self.phases = SFTPhases(cfg.sft, self.policy, self.stream)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def train(self) -> Path:
         result = self.trainer.fit()
         if self.cfg.eval_rows > 0 and self.trainer.step >= self.cfg.max_steps and self.trainer.is_main:
-            data = load_canonical(self.cfg.data.eval or demo_data("eval"))
+            data = load_split(self.cfg.data.eval, "eval")
             eval_cfg = EvalConfig(**{**self.cfg.eval.__dict__, "limit": self.cfg.eval_rows})
             summary, _ = evaluate(self.policy, data, eval_cfg)
             (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(summary, indent=2))

@@ -85,12 +85,11 @@ from vlreason.algorithms import (
     vision_opd_loss,
 )
 from vlreason.config import doc
-from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
-from vlreason.paths import demo_data, warm_model
-from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.models.policy import RolloutConfig
+from vlreason.paths import warm_model
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.prompts import decode_row_images
@@ -193,9 +192,7 @@ class VisionOPDRecipe:
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.policy = Policy.load(cfg.model, cfg.rollout, device=device)
+        self.policy = load_policy(cfg)
         self.model = self.policy.model
         # The teacher: a separate copy of the starting weights (LoRA adapter included), no gradients.
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -210,7 +207,7 @@ class VisionOPDRecipe:
 
     def load_train(self):
         cfg = self.cfg
-        dataset = load_canonical(cfg.data.train or demo_data("train"))
+        dataset = load_split(cfg.data.train, "train")
         sources = cfg.data.sources or ([] if cfg.data.train else DEMO_SOURCES)
         if sources:
             keep = [i for i, s in enumerate(dataset["source"]) if s in set(sources)]

@@ -80,10 +80,9 @@ from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig, trainable_parameters
-from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
-from vlreason.paths import demo_data
-from vlreason.recipe_base import DataConfig, run_recipe_cli, seed_everything
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
@@ -203,21 +202,19 @@ class VisionR1Recipe:
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.cold_steps = cfg.cold_start.steps
         self.stages = cfg.ptst.stages
         # With a cold start the reference is the cold-start model, copied at the first RL step.
         with_reference = cfg.algorithm.kl_coef > 0 and self.cold_steps == 0
-        self.policy = Policy.load(cfg.model, cfg.rollout, device=device, with_reference=with_reference)
+        self.policy = load_policy(cfg, with_reference=with_reference)
         self.model = self.policy.model
-        train = load_canonical(cfg.data.train or demo_data("train"))
+        train = load_split(cfg.data.train, "train")
         cold = load_canonical(cfg.cold_start.data) if cfg.cold_start.data else train
         self.cold_stream = RowStream(cold, seed=cfg.seed, name="cold-start")
         self.stream = RowStream(train, seed=cfg.seed)
         self.sft = SFTPhases(cfg.cold_start, self.policy, self.cold_stream)
         self.grpo = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
-        self.eval_data = load_canonical(cfg.data.eval or demo_data("eval")) if cfg.stage_eval else None
+        self.eval_data = load_split(cfg.data.eval, "eval") if cfg.stage_eval else None
         self.eval_points = self.stage_end_points()
         self.run_dir = Path(cfg.output_dir)
         self.rl_started = False

@@ -51,6 +51,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_policy(cfg, *, with_reference: bool = False):
+    """Seed everything, then load ``cfg.model`` as a Policy on CUDA when there is one."""
+    from vlreason.models.policy import Policy
+
+    seed_everything(cfg.seed)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return Policy.load(cfg.model, cfg.rollout, device=device, with_reference=with_reference)
+
+
+def load_split(path: str, default_split: str):
+    """A canonical dataset: ``path``, or the bundled demo split when ``path`` is empty."""
+    from vlreason.data.schema import load_canonical
+    from vlreason.paths import demo_data
+
+    return load_canonical(path or demo_data(default_split))
+
+
 def init_distributed() -> None:
     """Join the process group when started by ``accelerate launch`` / torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
