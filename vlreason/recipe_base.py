@@ -25,6 +25,7 @@ RECIPES: dict[str, str] = {
     "vision_r1": "recipes.vision_r1:VisionR1Recipe",
     "vision_opd": "recipes.vision_opd:VisionOPDRecipe",
     "dvrp": "recipes.dvrp:DVRPRecipe",
+    "sophia": "recipes.sophia:SophiaRecipe",
 }
 
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("vlreason.cli.train", "train a recipe: grpo, sft, vision_r1, vision_opd, dvrp (sophia to come)"),
+    "train": ("vlreason.cli.train", "train a recipe: grpo, sft, vision_r1, vision_opd, dvrp, sophia"),
     "eval": ("vlreason.cli.evaluate", "evaluate a model on a canonical dataset -> JSON report"),
     "preprocess": ("vlreason.cli.preprocess", "raw data -> canonical dataset + report.json"),
     "preview": ("vlreason.cli.preview", "draw original and image view side by side -> PNG"),

@@ -1,0 +1,350 @@
+"""SOPHIA (arXiv 2507.16814): semi-off-policy RL, one round.
+
+    vlreason train sophia [--config FILE] [key=value ...]
+    python recipes/sophia.py [--config FILE] [key=value ...]
+
+The behaviour policy is the trainable VLM's own perception plus an external text-only
+reasoner (vlreason.reasoners: a local transformers causal LM, any OpenAI-compatible
+chat-completions server, or a ``module:factory`` of your own). One step:
+
+1. captions (``time/captions``): draw ``sophia.prompts_per_step`` rows; the VLM writes
+   ``sophia.num_captions`` (K) descriptions of each row's image(s) with
+   ``sophia.caption_prompt``, a prompt that does NOT show the question or its choices;
+2. reasoning (``time/reasoner``): for each caption the reasoner writes
+   ``sophia.num_solutions`` (N) solutions from ``sophia.solution_template`` (caption +
+   question + choices);
+3. rewards: R(y) in {0, 1} (``sophia.reward``: ``accuracy``, the ``<answer>`` block must
+   match the row's answer; or ``hard``, strict ``<think></think><answer></answer>`` format
+   AND correct); the caption reward R(c) = mean of R(y) over its N solutions;
+4. selection (:func:`select_solutions`): a solution is kept only if R(c) >
+   ``sophia.threshold`` (0.75), it is correct, and it is the shortest such solution
+   (policy tokenizer tokens; ties: first caption, then first solution) of its row: at
+   most one kept solution per row;
+5. update (``time/update``): off-policy policy gradient on the ORIGINAL (image, question)
+   prompt -> kept solution with importance ratio 1, no clipping, no KL, advantage 1
+   (``vlreason.algorithms.policy_gradient_loss``), i.e. the supervised NLL of the kept
+   solution, token mean over the step's kept tokens (global count, as GRPO/SFT). The
+   vision tower is frozen by default (``model.freeze_vision=true``).
+
+A "round" is data collection over ``sophia.rows_per_round`` rows; here each loop step
+collects ``prompts_per_step`` rows and at once updates on its kept solutions, so the
+round is ``ceil(rows_per_round / prompts_per_step)`` steps (``rows_per_round`` > 0 sets
+``max_steps``; 0 keeps ``max_steps``). The paper collects the whole round first and then
+trains with batch 512; with one update per collected chunk the data are the same, only
+later chunks are captioned by the partly updated VLM (the captioner is the trainee).
+
+A step where nothing is kept has loss 0 and no update: the step hands the loop a single
+``None`` micro-batch whose loss is a zero leaf tensor; no parameter receives a gradient
+and AdamW skips parameters without one (with several processes the loop all-reduces zero
+gradients, so weight decay still applies there).
+
+Logged: ``loss``, ``nll``, ``sophia/kept_rows`` (rows with a kept solution this step),
+``sophia/kept_frac``, ``sophia/kept_rows_total``, ``sophia/caption_reward`` (mean R(c)),
+``sophia/captions_above_threshold``, ``sophia/solution_acc`` (mean R(y)),
+``sophia/kept_tokens``, ``caption_len``, ``data/skipped_rows``, ``time/*``.
+
+Embedded default: the warm tiny VLM (assets/warm-tiny) and, as reasoner, a tiny RANDOM
+text LM built offline into the vlreason cache: its solutions are noise and almost never
+correct, so the default run is an end-to-end smoke test (a few seconds on CPU), not a
+demonstration of learning. Point ``reasoner`` at a real model for that (docs/sophia.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlreason.algorithms import policy_gradient_loss
+from vlreason.config import doc
+from vlreason.data.stream import RowStream, shard
+from vlreason.models.loading import ModelConfig
+from vlreason.models.policy import RolloutConfig
+from vlreason.paths import warm_model
+from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
+from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.rewards import accuracy_reward, hard_format_and_correct
+from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.generate import SamplingConfig
+from vlreason.rollout.prompts import build_prompt_batch, tokenize_targets
+from vlreason.train.grpo import global_sum, hash_seed
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer, world
+from vlreason.train.metrics import StepTimer
+
+log = logging.getLogger(__name__)
+
+REWARDS = {"accuracy": accuracy_reward, "hard": hard_format_and_correct}
+SOLUTION_TEMPLATE = (
+    "You cannot see the image, but here is a description of it:\n{caption}\n\n"
+    "Question: {question}\n{choices}"
+    "Answer as if you could see the image. Think first, then answer, in the format "
+    "<think>...</think><answer>...</answer>."
+)
+
+
+@dataclass
+class SophiaConfig:
+    prompts_per_step: int = doc("Rows captioned, reasoned about and trained on per optimizer step, "
+                                "over all processes.", 4)
+    rows_per_round: int = doc("Rows in the one round; > 0 sets max_steps = ceil(rows_per_round / "
+                              "prompts_per_step); 0: max_steps x prompts_per_step.", 0)
+    micro_batch_prompts: int = doc("Kept solutions per forward/backward micro-batch.", 4)
+    num_captions: int = doc("Captions K per image (paper 8).", 2)
+    num_solutions: int = doc("Reasoner solutions N per caption (paper 8).", 2)
+    caption_prompt: str = doc("The captioning instruction (the question is NOT shown).",
+                              "Describe the image in detail.")
+    caption_max_new_tokens: int = doc("Caption length limit in tokens.", 32)
+    caption_temperature: float = doc("Caption sampling temperature.", 1.0)
+    solution_template: str = doc("Reasoner prompt; {caption}, {question} and {choices} (lettered "
+                                 "options, one per line, or nothing) are filled in.", SOLUTION_TEMPLATE)
+    solution_max_new_tokens: int = doc("Reasoner solution length limit in tokens (paper up to 32K).", 64)
+    solution_temperature: float = doc("Reasoner sampling temperature.", 1.0)
+    reward: str = doc("accuracy (the <answer> block matches the answer) | hard (strict "
+                      "<think></think><answer></answer> format and correct).", "accuracy")
+    threshold: float = doc("Keep solutions only of captions whose reward R(c) is strictly above this.", 0.75)
+    max_target_tokens: int = doc("Kept solutions are cut to this many tokens for the update.", 512)
+
+    def validate(self) -> None:
+        if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
+            raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
+                             "num_solutions must be >= 1")
+        if self.rows_per_round < 0:
+            raise ValueError("sophia.rows_per_round must be >= 0")
+        if self.reward not in REWARDS:
+            raise ValueError(f"sophia.reward must be one of {list(REWARDS)}, got '{self.reward}'")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"sophia.threshold must lie in [0, 1), got {self.threshold}")
+        if min(self.caption_max_new_tokens, self.solution_max_new_tokens, self.max_target_tokens) < 1:
+            raise ValueError("sophia token limits must be >= 1")
+        if "{caption}" not in self.solution_template or "{question}" not in self.solution_template:
+            raise ValueError("sophia.solution_template must contain {caption} and {question}")
+
+
+@dataclass
+class SophiaRecipeConfig(LoopConfig):
+    output_dir: str = doc("Run directory.", "runs/sophia")
+    max_steps: int = doc("Optimizer steps (one round; see sophia.rows_per_round).", 4)
+    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(freeze_vision=True),
+                               metadata={"help": "The trained VLM (captioner and student); vision tower frozen."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
+    rollout: RolloutConfig = field(
+        default_factory=lambda: RolloutConfig(num_generations=2, max_new_tokens=32, temperature=1.0),
+        metadata={"help": "Images and prompt format of the VLM (captions use sophia.caption_*)."},
+    )
+    sophia: SophiaConfig = field(default_factory=SophiaConfig, metadata={"help": "Captions, reasoning, selection."})
+    reasoner: ReasonerConfig = field(default_factory=ReasonerConfig, metadata={"help": "The external text reasoner."})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4),
+                               metadata={"help": "Optimizer and schedule."})
+
+    def validate(self) -> None:
+        if self.sophia.rows_per_round > 0:
+            self.max_steps = math.ceil(self.sophia.rows_per_round / self.sophia.prompts_per_step)
+
+
+def format_choices(choices: list[str] | None) -> str:
+    return "".join(f"{chr(65 + i)}. {c}\n" for i, c in enumerate(choices or []))
+
+
+@dataclass
+class Selection:
+    """One row's outcome: caption rewards R(c), the kept solution (or None) and where it came from."""
+    caption_rewards: list[float]
+    kept: str | None
+    kept_caption: int | None = None
+    kept_solution: int | None = None
+
+
+def select_solutions(rewards: list[list[float]], solutions: list[list[str]], *, threshold: float,
+                     length=len) -> Selection:
+    """SOPHIA's selection for one row: ``rewards[k][j]`` / ``solutions[k][j]`` of caption k.
+
+    R(c_k) = mean_j rewards[k][j]; keep the shortest (by ``length``) solution that is
+    correct (reward 1) under a caption with R(c) > threshold; ties go to the earlier
+    caption, then the earlier solution. At most one kept solution."""
+    caption_rewards = [sum(r) / len(r) if r else 0.0 for r in rewards]
+    best: tuple[int, int, int] | None = None
+    for k, (rs, sols) in enumerate(zip(rewards, solutions)):
+        if not caption_rewards[k] > threshold:
+            continue
+        for j, (r, text) in enumerate(zip(rs, sols)):
+            if r >= 1.0 and (best is None or length(text) < best[0]):
+                best = (length(text), k, j)
+    if best is None:
+        return Selection(caption_rewards, None)
+    return Selection(caption_rewards, solutions[best[1]][best[2]], best[1], best[2])
+
+
+class SophiaRecipe:
+    config_class = SophiaRecipeConfig
+
+    def __init__(self, cfg: SophiaRecipeConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def default_model() -> Path:
+        return warm_model()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.policy = load_policy(cfg)
+        self.model = self.policy.model
+        self.reasoner: Reasoner = build_reasoner(cfg.reasoner)
+        self.reward_fn = REWARDS[cfg.sophia.reward]
+        self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
+        self.skipped_rows = 0
+        self.kept_rows_total = 0
+        self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
+
+    def train(self) -> Path:
+        return self.trainer.fit()
+
+    def cleanup(self) -> None:
+        self.policy = self.model = self.trainer = self.reasoner = None
+
+    # ---- collection ----------------------------------------------------------------------
+    def usable_rows(self, step: int) -> list[dict[str, Any]]:
+        """This process's share of the step's rows whose prompt decodes and fits."""
+        rank, size = world()
+        rows = shard(self.stream.next_rows(self.cfg.sophia.prompts_per_step), rank, size)
+        max_tokens = self.policy.rollout.prompt.max_prompt_tokens
+        usable = []
+        for row in rows:
+            try:
+                length = int(self.policy.prompts([row]).attention_mask_PT.sum())
+            except ValueError as err:
+                self.skipped_rows += 1
+                log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
+                continue
+            if length > max_tokens:
+                self.skipped_rows += 1
+                log.warning("step %d: skipping row '%s': prompt has %d tokens > rollout.prompt.max_prompt_tokens=%d",
+                            step + 1, row.get("id"), length, max_tokens)
+                continue
+            usable.append(row)
+        return usable
+
+    def captions(self, rows: list[dict[str, Any]], seed: int) -> list[list[str]]:
+        """K captions per row from a prompt without the question (nor its choices, nor the
+        run's prompt template/system prompt, which may quote them)."""
+        s = self.cfg.sophia
+        caption_rows = [{**r, "question": s.caption_prompt, "choices": []} for r in rows]
+        prompt_cfg = replace(self.policy.rollout.prompt, system_prompt="", template="{question}")
+        prompts = build_prompt_batch(caption_rows, self.policy.processor, self.policy.budget, prompt_cfg)
+        r = self.policy.rollout
+        sampling = SamplingConfig(num_generations=s.num_captions, max_new_tokens=s.caption_max_new_tokens,
+                                  temperature=s.caption_temperature, top_p=r.top_p, top_k=r.top_k,
+                                  share_prefix=r.share_prefix)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = self.policy.sample(prompts, seed=seed, sampling=sampling)
+        finally:
+            self.model.train(was_training)
+        K = s.num_captions
+        return [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
+
+    def solution_prompt(self, row: dict[str, Any], caption: str) -> str:
+        return self.cfg.sophia.solution_template.format(
+            caption=caption or "(empty description)", question=row["question"],
+            choices=format_choices(row.get("choices")))
+
+    def collect(self, step: int, timer: StepTimer) -> tuple[list[dict[str, Any]], list[Selection], dict[str, Any]]:
+        s, cfg = self.cfg.sophia, self.cfg
+        rank, _ = world()
+        seed = hash_seed(cfg.seed, step, rank)
+        rows = self.usable_rows(step)
+        if not rows:
+            return [], [], {}
+        with timer("captions"):
+            captions = self.captions(rows, seed)
+        prompts = [self.solution_prompt(row, c) for row, caps in zip(rows, captions) for c in caps]
+        with timer("reasoner"):
+            flat = self.reasoner.solve(prompts, s.num_solutions, s.solution_max_new_tokens,
+                                       s.solution_temperature, seed)
+        if len(flat) != len(prompts) or any(len(x) != s.num_solutions for x in flat):
+            raise RuntimeError(f"the reasoner returned {[len(x) for x in flat]} solutions for {len(prompts)} "
+                               f"prompts; expected {s.num_solutions} each")
+        tok = self.policy.processor.tokenizer
+        length = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        K = s.num_captions
+        selections = []
+        with timer("rewards"):
+            for i, row in enumerate(rows):
+                sols = flat[i * K:(i + 1) * K]
+                rewards = [[float(self.reward_fn(y, row["answer"], choices=row.get("choices") or None))
+                            for y in ys] for ys in sols]
+                selections.append(select_solutions(rewards, sols, threshold=s.threshold, length=length))
+        all_r = [r for sel in selections for r in sel.caption_rewards]
+        metrics = {
+            "sophia/caption_reward": sum(all_r) / len(all_r),
+            "sophia/captions_above_threshold": sum(r > s.threshold for r in all_r) / len(all_r),
+            # mean over captions of their mean = mean over all solutions (N per caption)
+            "sophia/solution_acc": sum(all_r) / len(all_r),
+            "caption_len": sum(len(tok(c, add_special_tokens=False)["input_ids"])
+                               for caps in captions for c in caps) / (len(rows) * K),
+        }
+        return rows, selections, metrics
+
+    # ---- the loop's recipe interface -----------------------------------------------------
+    def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch | None], dict[str, Any]]:
+        s = self.cfg.sophia
+        rows, selections, metrics = self.collect(step, timer)
+        kept_rows = [r for r, sel in zip(rows, selections) if sel.kept is not None]
+        kept_texts = [sel.kept for sel in selections if sel.kept is not None]
+        self.kept_rows_total += int(global_sum(len(kept_rows)))
+        micro: list[RolloutBatch | None] = []
+        with timer("targets"):
+            for i in range(0, len(kept_rows), s.micro_batch_prompts):
+                part = kept_rows[i:i + s.micro_batch_prompts]
+                ids, mask, truncated = tokenize_targets(self.policy.processor, kept_texts[i:i + s.micro_batch_prompts],
+                                                        max_tokens=s.max_target_tokens)
+                micro.append(RolloutBatch(prompts=self.policy.prompts(part), group_ids_N=torch.arange(len(part)),
+                                          completion_ids_NT=ids, completion_mask_NT=mask, truncated_N=truncated,
+                                          texts=kept_texts[i:i + s.micro_batch_prompts]))
+        tokens = sum(int(b.completion_mask_NT.sum()) for b in micro)
+        self.normaliser = global_sum(tokens)
+        metrics.update({
+            "sophia/kept_rows": len(kept_rows),
+            "sophia/kept_frac": len(kept_rows) / max(len(rows), 1),
+            "sophia/kept_rows_total": self.kept_rows_total,
+            "sophia/kept_tokens": tokens,
+            "data/skipped_rows": self.skipped_rows,
+            "data/epoch": self.stream.epoch,
+        })
+        # nothing kept: one None micro-batch -> a zero loss without graph, no gradient, no update
+        return micro or [None], metrics
+
+    def step(self, micro_batch: RolloutBatch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        if micro_batch is None:
+            return torch.zeros((), requires_grad=True), {}
+        out = self.policy.token_outputs(micro_batch)  # scored at temperature 1: the NLL of the solution
+        mask = micro_batch.completion_mask_NT.to(out.logprobs_NT.device)
+        ones = torch.ones(mask.shape[0], device=mask.device)
+        loss, m = policy_gradient_loss(out.logprobs_NT, None, ones, mask, agg_mode="token-mean",
+                                       global_count=self.normaliser / world()[1])
+        return loss, {"nll": float(-m["logprob_mean"])}
+
+    def after_update(self, step: int) -> dict[str, Any] | None:
+        return None
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "skipped_rows": self.skipped_rows,
+                "kept_rows_total": self.kept_rows_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "data" in state:
+            self.stream.load_state_dict(state["data"])
+        self.skipped_rows = state.get("skipped_rows", 0)
+        self.kept_rows_total = state.get("kept_rows_total", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe_cli(SophiaRecipe, sys.argv[1:], name="sophia"))
