@@ -67,7 +67,7 @@ from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.chunked import chunked_entropy, chunked_full_kl, gather_logprobs
 from vlreason.rollout.forward import completion_hidden_states
@@ -182,11 +182,8 @@ def build_triplet(images: list[Image.Image], *, budget: PixelBudget, patch_size:
     return out
 
 
-class DVRPRecipe:
+class DVRPRecipe(Recipe):
     config_class = DVRPRecipeConfig
-
-    def __init__(self, cfg: DVRPRecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -202,12 +199,6 @@ class DVRPRecipe:
         self.stream = RowStream(self.train_data, seed=cfg.seed)
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
-
-    def train(self) -> Path:
-        return self.trainer.fit()
-
-    def cleanup(self) -> None:
-        self.policy = self.model = self.trainer = None
 
     # ---- views of a step -----------------------------------------------------------------
     def triplet(self, row: dict[str, Any], step: int, row_index: int = 0) -> Triplet:
@@ -293,9 +284,6 @@ class DVRPRecipe:
         metrics["loss/grpo"] = float(loss.detach()) * batch.extras["num_micro"]
         metrics["loss/dvrp"] = float(reg.detach()) * batch.extras["num_micro"]
         return loss + reg, metrics
-
-    def after_update(self, step: int) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "skipped_rows": self.phases.skipped_rows}

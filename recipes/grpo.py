@@ -24,7 +24,7 @@ from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
@@ -48,11 +48,8 @@ class GRPORecipeConfig(LoopConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
-class GRPORecipe:
+class GRPORecipe(Recipe):
     config_class = GRPORecipeConfig
-
-    def __init__(self, cfg: GRPORecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -68,21 +65,12 @@ class GRPORecipe:
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
-    def train(self) -> Path:
-        return self.trainer.fit()
-
-    def cleanup(self) -> None:
-        self.policy = self.model = self.trainer = None
-
     # ---- the loop's recipe interface ---------------------------------------------------
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:
         return self.phases.prepare(step, timer)
 
     def step(self, micro_batch) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.phases.loss(micro_batch)
-
-    def after_update(self, step: int) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "skipped_rows": self.phases.skipped_rows}

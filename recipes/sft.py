@@ -24,7 +24,7 @@ from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.train.loop import LoopConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sft import SFTConfig, SFTPhases
@@ -42,11 +42,8 @@ class SFTRecipeConfig(LoopConfig):
     eval_rows: int = doc("Evaluate this many held-out rows at the end (0: skip).", 0)
 
 
-class SFTRecipe:
+class SFTRecipe(Recipe):
     config_class = SFTRecipeConfig
-
-    def __init__(self, cfg: SFTRecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -71,17 +68,11 @@ class SFTRecipe:
             print("eval:", json.dumps(summary))
         return result
 
-    def cleanup(self) -> None:
-        self.policy = self.model = self.trainer = None
-
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:
         return self.phases.prepare(step, timer)
 
     def step(self, micro_batch) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.phases.loss(micro_batch)
-
-    def after_update(self, step: int) -> None:
-        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict()}

@@ -67,7 +67,7 @@ from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.rewards import accuracy_reward, hard_format_and_correct
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.generate import SamplingConfig
@@ -180,11 +180,8 @@ def select_solutions(rewards: list[list[float]], solutions: list[list[str]], *, 
     return Selection(caption_rewards, solutions[best[1]][best[2]], best[1], best[2])
 
 
-class SophiaRecipe:
+class SophiaRecipe(Recipe):
     config_class = SophiaRecipeConfig
-
-    def __init__(self, cfg: SophiaRecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -201,9 +198,6 @@ class SophiaRecipe:
         self.skipped_rows = 0
         self.kept_rows_total = 0
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
-
-    def train(self) -> Path:
-        return self.trainer.fit()
 
     def cleanup(self) -> None:
         self.policy = self.model = self.trainer = self.reasoner = None
@@ -330,9 +324,6 @@ class SophiaRecipe:
         loss, m = policy_gradient_loss(out.logprobs_NT, None, ones, mask, agg_mode="token-mean",
                                        global_count=self.normaliser / world()[1])
         return loss, {"nll": float(-m["logprob_mean"])}
-
-    def after_update(self, step: int) -> dict[str, Any] | None:
-        return None
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

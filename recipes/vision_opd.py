@@ -89,7 +89,7 @@ from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.prompts import decode_row_images
@@ -178,11 +178,8 @@ class VisionOPDRecipeConfig(LoopConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
-class VisionOPDRecipe:
+class VisionOPDRecipe(Recipe):
     config_class = VisionOPDRecipeConfig
-
-    def __init__(self, cfg: VisionOPDRecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -215,9 +212,6 @@ class VisionOPDRecipe:
                 raise ValueError(f"no training rows have a source in data.sources={sources}")
             dataset = dataset.select(keep, keep_in_memory=True)
         return dataset
-
-    def train(self) -> Path:
-        return self.trainer.fit()
 
     def cleanup(self) -> None:
         self.policy = self.model = self.teacher = self.trainer = None

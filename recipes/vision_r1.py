@@ -82,7 +82,7 @@ from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig, trainable_parameters
 from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
-from vlreason.recipe_base import DataConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
@@ -188,11 +188,8 @@ class VisionR1RecipeConfig(LoopConfig):
 PhaseStep = Callable[[RolloutBatch], tuple[torch.Tensor, dict[str, Any]]]
 
 
-class VisionR1Recipe:
+class VisionR1Recipe(Recipe):
     config_class = VisionR1RecipeConfig
-
-    def __init__(self, cfg: VisionR1RecipeConfig):
-        self.cfg = cfg
 
     @staticmethod
     def default_model() -> Path:
@@ -247,12 +244,6 @@ class VisionR1Recipe:
         points = {end: self.stage_of(end - 1) for end in ends if end <= self.cfg.max_steps}
         points.setdefault(self.cfg.max_steps, self.stage_of(self.cfg.max_steps - 1))
         return points
-
-    def train(self) -> Path:
-        return self.trainer.fit()
-
-    def cleanup(self) -> None:
-        self.policy = self.model = self.trainer = None
 
     # ---- the loop's recipe interface -----------------------------------------------------
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:

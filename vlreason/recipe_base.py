@@ -39,6 +39,26 @@ class SetupError(RuntimeError):
     """A recipe could not start: bad model path, missing or empty dataset, bad settings."""
 
 
+class Recipe:
+    """What every recipe shares; a recipe adds ``config_class``, ``default_model()``,
+    ``setup()`` (which sets ``policy``, ``model`` and ``trainer``) and the loop interface
+    (``prepare``, ``step``, ``state_dict``, ``load_state_dict``)."""
+
+    config_class: type
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def train(self) -> Path:
+        return self.trainer.fit()
+
+    def cleanup(self) -> None:
+        self.policy = self.model = self.trainer = None
+
+    def after_update(self, step: int) -> dict | None:
+        return None
+
+
 def recipe_class(name: str):
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(RECIPES)}")
