@@ -24,8 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -238,7 +236,7 @@ TINY_REASONER_VERSION = 1
 def tiny_reasoner_path(*, seed: int = 0, vocab_size: int = 1024, hidden: int = 64, layers: int = 2) -> Path:
     """A tiny random ``Qwen2ForCausalLM`` with the tiny VLMs' tokenizer and chat template,
     built once into ``<vlreason cache>/tiny-models`` (random weights: its text is noise)."""
-    from vlreason.models.tiny import CHAT_TEMPLATE, build_tokenizer, cache_root
+    from vlreason.models.tiny import CHAT_TEMPLATE, atomic_directory, build_tokenizer, cache_root
 
     key = f"reasoner-qwen2-v{vocab_size}-h{hidden}-l{layers}-s{seed}-b{TINY_REASONER_VERSION}"
     path = cache_root() / key
@@ -256,15 +254,7 @@ def tiny_reasoner_path(*, seed: int = 0, vocab_size: int = 1024, hidden: int = 6
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -14,12 +14,14 @@ version, so tests and demos build each variant once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +88,23 @@ class TinySpec:
     def cache_key(self) -> str:
         blob = json.dumps({**asdict(self), "builder": BUILDER_VERSION}, sort_keys=True)
         return f"{self.family}-v{self.vocab_size}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces
+    ``out_dir`` in one rename, on any error it is removed (no half-written checkpoint)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def cache_root() -> Path:
@@ -166,9 +185,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         raise RuntimeError(f"cannot build a tiny {spec.family} model: {why}")
     family = get_family(spec.family)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         tokenizer = build_tokenizer(spec.vocab_size)
         if len(tokenizer) > spec.vocab_size:
             raise ValueError(f"--vocab-size {spec.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
@@ -183,12 +200,6 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "vlreason_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
