@@ -6,6 +6,15 @@ A ``datasets`` Arrow dataset written with ``save_to_disk``. Required columns:
 vlreason writes, with empty values when a row has none: ``boxes`` (list of
 [x0, y0, x1, y1] in original pixels of the first image), ``choices`` (list of str),
 ``solution`` (a full reference response, e.g. chain of thought), ``meta`` (JSON string).
+
+Image placement: ``question`` may hold :data:`IMAGE_PLACEHOLDER` (``<image>``) markers,
+exactly one per image; the k-th marker is where the k-th image goes in the prompt
+(images and text interleaved, as in the EasyR1 / verl layout). The prompt builder
+splits the text on them, so they never reach the model as literal text. A question
+without markers shows the row's images before its text. The placement lives in the
+question rather than in a column of its own so that it survives every row edit that
+replaces or keeps the question (a recipe that swaps in its own prompt text simply gets
+the images first), and so that datasets written before it need no migration.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+IMAGE_PLACEHOLDER = "<image>"
 
 REQUIRED_COLUMNS = ("id", "images", "question", "answer", "source")
 OPTIONAL_COLUMNS = ("boxes", "choices", "solution", "meta")
@@ -58,6 +69,11 @@ def canonical_row(
         "solution": solution or "",
         "meta": meta if isinstance(meta, str) else json.dumps(meta or {}, sort_keys=True),
     }
+
+
+def image_placeholders(question: str) -> int:
+    """How many images the question places (0: the images go before the text)."""
+    return question.count(IMAGE_PLACEHOLDER)
 
 
 def rows_to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
