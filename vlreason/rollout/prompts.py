@@ -3,6 +3,14 @@
 Images are decoded and resized to the run's single ``PixelBudget`` here, once per
 prompt; the processor is then told not to resize again, so rollout, log-prob
 recompute, reference and teacher all see exactly the same image tokens.
+
+Image placement: a question with ``<image>`` placeholders
+(:data:`vlreason.data.schema.IMAGE_PLACEHOLDER`, one per image) becomes a user turn
+whose image and text parts alternate at those positions, the k-th placeholder holding
+the k-th image; the placeholders themselves never reach the prompt text. A question
+without placeholders gives the images first, then the text. A row whose placeholder
+count differs from its image count is a ValueError (``decode_row_images`` checks it,
+so callers that skip undecodable rows skip these too).
 """
 
 from __future__ import annotations
@@ -15,8 +23,13 @@ import torch
 from PIL import Image
 
 from vlreason.config import doc
+from vlreason.data.schema import IMAGE_PLACEHOLDER, image_placeholders
 from vlreason.rollout.batch import PromptBatch
 from vlreason.views.budget import PixelBudget
+
+# Stands in for the question's placeholders while the template is filled, so that only
+# the question's own placeholders (not the template's or the choices' text) place images.
+_IMAGE_SLOT = "\x00image\x00"
 
 
 @dataclass
@@ -42,23 +55,54 @@ def decode_row_images(row: dict[str, Any]) -> list[Image.Image]:
                 images.append(img.convert("RGB"))
         except Exception as err:  # a dataset edited after preprocessing
             raise ValueError(f"row '{row.get('id')}': image {i} no longer decodes ({err})") from err
+    check_placement(row, len(images))
     return images
 
 
+def check_placement(row: dict[str, Any], num_images: int) -> None:
+    """ValueError unless the question places no image or exactly ``num_images``."""
+    count = image_placeholders(row["question"])
+    if count and count != num_images:
+        raise ValueError(
+            f"row '{row.get('id')}': the question has {count} {IMAGE_PLACEHOLDER} placeholders "
+            f"for {num_images} images"
+        )
+
+
 def build_messages(row: dict[str, Any], num_images: int, cfg: PromptConfig, *, assistant: str | None = None) -> list[dict]:
-    choices = row.get("choices") or []
-    text = cfg.template.format(
-        question=row["question"],
-        choices="\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)),
-    )
+    """System turn (if any), the user turn with ``num_images`` images placed as the
+    question says (see the module docstring), and the assistant turn when given."""
     messages = []
     if cfg.system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": cfg.system_prompt}]})
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    messages.append({"role": "user", "content": content})
+    messages.append({"role": "user", "content": user_content(row, num_images, cfg)})
     if assistant is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
     return messages
+
+
+def user_content(row: dict[str, Any], num_images: int, cfg: PromptConfig) -> list[dict]:
+    """The user turn's parts: images and text interleaved at the question's placeholders,
+    or all images then the text when it has none. Empty text parts are left out."""
+    check_placement(row, num_images)
+    question = row["question"]
+    placed = image_placeholders(question) > 0
+    choices = row.get("choices") or []
+    text = cfg.template.format(
+        question=question.replace(IMAGE_PLACEHOLDER, _IMAGE_SLOT) if placed else question,
+        choices="\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)),
+    )
+    if placed and text.count(_IMAGE_SLOT) != num_images:  # a template without (or with two) {question}
+        text, placed = text.replace(_IMAGE_SLOT, ""), False
+    if not placed:
+        return [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    content: list[dict] = []
+    for i, part in enumerate(text.split(_IMAGE_SLOT)):
+        if i:
+            content.append({"type": "image"})
+        if part:
+            content.append({"type": "text", "text": part})
+    return content
 
 
 def strip_images(row: dict[str, Any]) -> dict[str, Any]:
