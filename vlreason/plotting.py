@@ -23,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from vlreason.outputs import prepare_output
+
 METRICS_FILE = "metrics.jsonl"  # same name as vlreason.train.metrics (not imported: no torch)
 DEFAULT_SMOOTH = 0.6
 TIME_PANEL = "time"
@@ -192,7 +194,8 @@ def plot_metrics(
 
     ``keys`` picks one panel per key instead of the default panels; the key ``"time"``
     means the stacked time split. ``smooth`` is the moving-average weight in [0, 1)
-    (0: raw points only). Raises ValueError when nothing requested can be drawn.
+    (0: raw points only). Raises ValueError when nothing requested can be drawn and
+    :class:`~vlreason.outputs.OutputPathError` when ``out`` cannot be written.
     """
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
@@ -217,6 +220,7 @@ def plot_metrics(
             panels.append(("time", []))
     if not panels:
         raise ValueError(f"no plottable metrics; keys found: {', '.join(numeric) or 'none'}")
+    out = prepare_output(out)  # parents created and writable before anything is drawn
 
     ncols = 1 if len(panels) == 1 else 2
     nrows = math.ceil(len(panels) / ncols)
@@ -243,8 +247,6 @@ def plot_metrics(
         f"{title or 'training curves'}  (steps {min(steps)}-{max(steps)}, {len(records)} records)",
         fontsize=11,
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
 

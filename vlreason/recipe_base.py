@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vlreason.config import ConfigError, describe, doc, load_config, save_config
+from vlreason.outputs import OutputPathError, prepare_output
 from vlreason.train.checkpoint import latest_checkpoint
 
 # name -> "module:Class"; recipes never inherit from each other.
@@ -98,21 +99,24 @@ def init_distributed() -> None:
 
 
 def check_output_dir(cfg) -> None:
-    """Refuse to mix a fresh run into an earlier run's directory, unless asked."""
+    """Refuse to mix a fresh run into an earlier run's directory, unless asked; then
+    create the directory and prove it writable (raises ``OutputPathError``), so that a
+    bad ``output_dir`` fails before any model is built or loaded."""
     out = Path(cfg.output_dir)
-    if not cfg.resume and not cfg.overwrite and out.exists() and latest_checkpoint(out) is not None:
+    if not cfg.resume and not cfg.overwrite and out.is_dir() and latest_checkpoint(out) is not None:
         raise ConfigError(
             f"output_dir {out} holds checkpoints of an earlier run; pass resume=auto to "
             "continue it, overwrite=true to start over, or another output_dir"
         )
+    prepare_output(out, is_dir=True)
 
 
 def run_recipe(recipe_cls, config_path: str | None, overrides: list[str]) -> Path:
     cfg = load_config(recipe_cls.config_class, config_path, overrides)
+    check_output_dir(cfg)  # on every process, before any of them changes the directory
     if not cfg.model.name_or_path:  # the recipe's embedded default model, recorded in config.yaml
         cfg.model.name_or_path = str(recipe_cls.default_model())
     init_distributed()
-    check_output_dir(cfg)  # on every process, before any of them changes the directory
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -151,7 +155,7 @@ def run_from_args(recipe_cls, name: str, args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"vlreason train {name}: config error: {err}", file=sys.stderr)
         return 2
-    except SetupError as err:
+    except (SetupError, OutputPathError) as err:
         print(f"vlreason train {name}: error: {err}", file=sys.stderr)
         return 2
     print(f"done: {result}")

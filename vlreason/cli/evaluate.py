@@ -29,17 +29,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e.g. num_samples=4 temperature=1.0 max_new_tokens=256 limit=100")
 
 
+def _report_path(args: argparse.Namespace) -> Path:
+    """``--out``, or MODEL/eval_<data name>.json when MODEL is a folder, else ./eval_<data name>.json."""
+    if args.out:
+        return Path(args.out)
+    model_dir = Path(args.model)
+    return (model_dir if model_dir.is_dir() else Path(".")) / f"eval_{Path(args.data).name}.json"
+
+
 def run(args: argparse.Namespace) -> int:
     from vlreason.data.schema import load_canonical
     from vlreason.evaluation import evaluate
     from vlreason.models.loading import ModelConfig
     from vlreason.models.policy import Policy, RolloutConfig
+    from vlreason.outputs import OutputPathError, prepare_output
     from vlreason.rollout.prompts import PromptConfig
 
     try:
         cfg = load_config(EvalRunConfig, None, args.overrides)
         data = load_canonical(args.data)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # before the model is loaded: a bad --out / --records must not cost an evaluation
+        out = prepare_output(_report_path(args))
+        records_path = prepare_output(args.records) if args.records else None
+    except (ConfigError, FileNotFoundError, ValueError, OutputPathError) as err:
         print(f"vlreason eval: error: {err}", file=sys.stderr)
         return 2
     rollout = RolloutConfig(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -48,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     eval_cfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
     summary, records = evaluate(policy, data, eval_cfg, progress=sys.stderr.isatty())
     report = {"model": args.model, "data": args.data, "config": eval_cfg.__dict__, **summary}
-    model_dir = Path(args.model)
-    out = Path(args.out) if args.out else (model_dir if model_dir.is_dir() else Path(".")) / f"eval_{Path(args.data).name}.json"
     out.write_text(json.dumps(report, indent=2))
-    if args.records:
-        Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if records_path is not None:
+        records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

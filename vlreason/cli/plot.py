@@ -34,11 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlreason.outputs import OutputPathError
     from vlreason.plotting import plot_run
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     try:
         out = plot_run(args.run_dir, args.out, keys=keys, smooth=args.smooth)
+    except OutputPathError as err:  # checked before drawing
+        print(f"vlreason plot: error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"vlreason plot: error: {err}", file=sys.stderr)
         return 1

@@ -111,6 +111,7 @@ def _error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from vlreason.data.schema import load_canonical
+    from vlreason.outputs import OutputPathError, prepare_output
     from vlreason.views import BOX_VIEWS, VIEWS, PixelBudget
 
     if args.view not in VIEWS:
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         budget = PixelBudget(args.min_pixels, args.max_pixels, args.factor)
         ds = load_canonical(args.data)
-    except (FileNotFoundError, ValueError) as err:
+        prepare_output(args.out)  # before any view is drawn
+    except (FileNotFoundError, ValueError, OutputPathError) as err:
         return _error(str(err))
 
     view_fn = VIEWS[args.view]
@@ -144,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         what = "an image and a box" if needs_box else "an image"
         return _error(f"no row in {args.data} has {what}; view {args.view!r} needs it")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     render_grid(lines, cell=args.cell).save(args.out)
     print(f"wrote {args.out} ({len(lines)} rows, view {args.view!r})")
     return 0
