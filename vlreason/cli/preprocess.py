@@ -2,7 +2,7 @@
 
 Exit status 0 when at least one row was kept (rejected rows are listed in the report);
 1 on a fatal error (missing source, strict mode hit a bad row, every row rejected), with
-the reason on stderr.
+the reason on stderr; 2 when ``--out`` cannot be written (checked before any work).
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-name", metavar="NAME", help="`source` column and id prefix")
     parser.add_argument("--labels", metavar="FILE", help="labels file for --format folder")
     parser.add_argument(
-        "--image-column", default="image", metavar="NAME", help="image column of HF input"
+        "--image-column",
+        metavar="NAME",
+        help="column holding the image(s) (default: image, else images)",
+    )
+    parser.add_argument(
+        "--question-column", metavar="NAME", help="column holding the question (default: question, else problem)"
+    )
+    parser.add_argument(
+        "--answer-column", metavar="NAME", help="column holding the answer (default: answer, else solution)"
     )
     parser.add_argument("--question", metavar="TEXT", help="question for rows that have none")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,7 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_pipelines.preprocess import REPORT_NAME, PreprocessError, preprocess
+    from vlreason.outputs import OutputPathError, prepare_output
 
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        prepare_output(out, is_dir=True)
+    except OutputPathError as err:
+        print(f"vlreason preprocess: error: {err}", file=sys.stderr)
+        return 2
     try:
         report = preprocess(
             args.source,
@@ -72,11 +88,15 @@ def run(args: argparse.Namespace) -> int:
             source_name=args.source_name,
             labels_file=args.labels,
             image_column=args.image_column,
+            question_column=args.question_column,
+            answer_column=args.answer_column,
             question=args.question,
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
         )
     except (PreprocessError, OSError) as err:  # expected failures: no traceback
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the empty folder prepare_output made; nothing was written
         print(f"vlreason preprocess: error: {err}", file=sys.stderr)
         return 1
 
