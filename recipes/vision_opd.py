@@ -26,7 +26,9 @@ One step:
    points at the right prompt);
 3. update: the student's log-probs at the stored ids with gradient, the loss, backward;
 4. after the optimizer step: theta_T <- (1 - teacher.ema) theta_T + teacher.ema theta_S
-   over the trainable tensors (the frozen ones are equal in both copies).
+   over the trainable tensors (the frozen ones are equal in both copies), accumulated
+   in an fp32 shadow (``vlreason.algorithms.ema_update_``); the teacher's forward copy
+   (in the compute dtype, e.g. bf16) is refreshed from it.
 
 Logged every step: ``loss``, ``jsd`` (token mean over the step before the update),
 ``agreement`` (fraction of tokens where the teacher's argmax among the student's top-k
@@ -51,8 +53,15 @@ Choices made here (see docs/vision_opd.md):
   warning, never silently); ``teacher.no_box=full`` lets the teacher see the full
   image instead (no privileged view: such rows then pull only towards the EMA teacher).
   Rows whose box or prompt cannot be used are skipped the same way.
+* **EMA precision.** The teacher's forward runs in the compute dtype (its parameters
+  are cast to ``model.dtype``: bf16 on CUDA by default; no master copy, it has no
+  optimizer), but its EMA is accumulated in an fp32 shadow of the trainable tensors:
+  an increment of 0.05 x a learning-rate-sized move is below bf16's rounding step and
+  an EMA kept in bf16 would not move (tests/algorithms/test_ema.py). Where the teacher
+  is fp32 its parameters are their own shadow (no extra memory); otherwise the shadow
+  costs 4 bytes per trainable parameter (docs/scaling.md).
 * **Checkpoints and the teacher.** The EMA teacher is state: through the loop's
-  ``save_extra`` / ``load_extra`` hooks its trainable tensors are written as
+  ``save_extra`` / ``load_extra`` hooks its fp32 shadow is written as
   ``checkpoints/step-N/teacher.safetensors`` inside the checkpoint (atomic and pruned
   with it) and reloaded on resume, so resume is exact, teacher included. ``final/``
   holds the student only.
@@ -81,20 +90,23 @@ from vlreason.algorithms import (
     AGGREGATIONS,
     DIVERGENCES,
     aggregate_sum_and_count,
+    copy_to_,
+    ema_update_,
+    fp32_shadow,
     topk_token_divergence,
     vision_opd_loss,
 )
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
-from vlreason.models.loading import ModelConfig
+from vlreason.models.loading import ModelConfig, resolve_dtype
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.prompts import decode_row_images
-from vlreason.train.grpo import global_sum, hash_seed
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer, world
+from vlreason.train.distributed import global_sum, hash_seed, world
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.views import crop_to_box, draw_box
 
@@ -194,6 +206,7 @@ class VisionOPDRecipe(Recipe):
         # The teacher: a separate copy of the starting weights (LoRA adapter included), no gradients.
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.teacher_shadow = self.make_teacher_shadow()
         vocab = self.policy.family.lm_head(self.model).weight.shape[0]
         self.topk = min(cfg.algorithm.topk, vocab)
         self.stream = RowStream(self.load_train(), seed=cfg.seed)
@@ -201,6 +214,27 @@ class VisionOPDRecipe(Recipe):
         self.skipped_rows = 0
         self.no_box_rows = 0
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
+
+    def make_teacher_shadow(self) -> dict[str, torch.Tensor]:
+        """Cast the teacher's parameters to the compute dtype (``model.dtype``; it has no
+        optimizer, so no master copy) and return the fp32 shadow its EMA accumulates in,
+        one tensor per trainable name (an fp32 parameter is its own shadow)."""
+        device = next(self.teacher.parameters()).device
+        dtype = resolve_dtype(self.cfg.model.dtype, device)
+        with torch.no_grad():
+            for p in self.teacher.parameters():
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        student = dict(self.model.named_parameters())
+        params = dict(self.teacher.named_parameters())
+        shadow = {}
+        for name in self.trainable:
+            if params[name].dtype == torch.float32:
+                shadow[name] = fp32_shadow([params[name]])[0]  # the parameter itself
+            else:  # from the student's (possibly fp32 master) weights, not from the rounded copy
+                start = full_tensor(student[name].detach())
+                shadow[name] = start.to(params[name].device, torch.float32, copy=True)
+        return shadow
 
     def load_train(self):
         cfg = self.cfg
@@ -346,22 +380,23 @@ class VisionOPDRecipe(Recipe):
     @torch.no_grad()
     def after_update(self, step: int) -> dict[str, Any]:
         """EMA of the teacher towards the student (trainable tensors only; the others are
-        equal in both copies): theta_T <- theta_T + ema (theta_S - theta_T)."""
+        equal in both copies): theta_T <- (1 - ema) theta_T + ema theta_S in the fp32
+        shadow, then the teacher's forward copy is refreshed from it."""
         ema = self.cfg.teacher.ema
         student = dict(self.model.named_parameters())
-        teacher = dict(self.teacher.named_parameters())
-        sq = 0.0
-        for name in self.trainable:
-            t, s = teacher[name], student[name].detach()
-            if ema > 0:
-                t.lerp_(s.to(t.dtype), ema)
-            sq += float((t.float() - s.float()).pow(2).sum())
+        students = [full_tensor(student[n].detach()) for n in self.trainable]
+        shadows = [self.teacher_shadow[n] for n in self.trainable]
+        if ema > 0:
+            ema_update_(shadows, students, 1.0 - ema)
+            teacher = dict(self.teacher.named_parameters())
+            copy_to_([teacher[n] for n in self.trainable], shadows)
+        sq = sum(float((t - s.to(t.device, torch.float32)).pow(2).sum()) for t, s in zip(shadows, students))
         return {"teacher/distance": math.sqrt(sq)}
 
     # ---- state: data position, counters, the EMA teacher -----------------------------------
     def teacher_state(self) -> dict[str, torch.Tensor]:
-        params = dict(self.teacher.named_parameters())
-        return {n: params[n].detach().cpu().clone().contiguous() for n in self.trainable}
+        """The teacher's trainable tensors as its fp32 EMA shadow."""
+        return {n: self.teacher_shadow[n].detach().cpu().clone().contiguous() for n in self.trainable}
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "skipped_rows": self.skipped_rows,
@@ -389,7 +424,16 @@ class VisionOPDRecipe(Recipe):
         params = dict(self.teacher.named_parameters())
         with torch.no_grad():
             for name in self.trainable:
-                params[name].copy_(weights[name].to(params[name].device, params[name].dtype))
+                shadow = self.teacher_shadow[name]
+                shadow.copy_(weights[name].to(shadow.device, torch.float32))
+            copy_to_([params[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable])
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter sharded by FSDP2 (a DTensor: an all-gather, so
+    every process calls this for the same tensors in the same order); a plain tensor as is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
 
 if __name__ == "__main__":
     sys.exit(run_recipe_cli(VisionOPDRecipe, sys.argv[1:], name="vision_opd"))

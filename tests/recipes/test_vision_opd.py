@@ -216,11 +216,49 @@ def test_ema_update_is_the_paper_formula(recipe):
         expected = 0.95 * saved_t + 0.05 * student[name].detach()
         metrics = recipe.after_update(0)
         torch.testing.assert_close(teacher[name].detach(), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(recipe.teacher_shadow[name], expected, atol=1e-6, rtol=1e-6)
         assert metrics["teacher/distance"] > 0
     finally:
         with torch.no_grad():
             student[name].copy_(saved_s)
             teacher[name].copy_(saved_t)
+            recipe.teacher_shadow[name].copy_(saved_t)
+
+
+def test_bf16_teacher_accumulates_its_ema_in_an_fp32_shadow_and_saves_it(tmp_path):
+    """model.dtype=bfloat16: the teacher's forward copy is bf16, its EMA lives in an fp32
+    shadow that takes increments far below bf16's rounding step, and the checkpoint holds
+    that fp32 shadow (load_extra restores it exactly)."""
+    cfg = load_config(VisionOPDRecipe.config_class, None, [
+        f"output_dir={tmp_path / 'bf16'}", "model.dtype=bfloat16", *FAST])
+    cfg.model.name_or_path = str(VisionOPDRecipe.default_model())
+    r = VisionOPDRecipe(cfg)
+    r.setup()
+    teacher = dict(r.teacher.named_parameters())
+    student = dict(r.model.named_parameters())
+    name = r.trainable[0]
+    assert teacher[name].dtype == torch.bfloat16
+    assert all(r.teacher_shadow[n].dtype == torch.float32 for n in r.trainable)
+    start_shadow = r.teacher_shadow[name].clone()
+    # the student moves by 0.01; each EMA increment (<= 5e-4) is below half a bf16 step for
+    # most weights, so only an fp32 accumulator follows it exactly
+    with torch.no_grad():
+        student[name].copy_((student[name].float() + 0.01).to(student[name].dtype))
+    moved = student[name].detach().float() - start_shadow
+    for _ in range(3):
+        r.after_update(0)
+    expected = start_shadow + (1 - 0.95**3) * moved  # three EMA steps towards a fixed student
+    torch.testing.assert_close(r.teacher_shadow[name], expected, atol=1e-7, rtol=1e-5)
+    assert not torch.equal(r.teacher_shadow[name], start_shadow)
+    assert torch.equal(teacher[name].detach(), r.teacher_shadow[name].to(torch.bfloat16))  # refreshed copy
+    r.save_extra(tmp_path)
+    saved = load_file(str(tmp_path / TEACHER_FILE))
+    assert saved[name].dtype == torch.float32 and torch.equal(saved[name], r.teacher_shadow[name].cpu())
+    with torch.no_grad():
+        r.teacher_shadow[name].zero_()
+    r.load_extra(tmp_path)
+    assert torch.equal(r.teacher_shadow[name].cpu(), saved[name])
+    assert torch.equal(teacher[name].detach(), saved[name].to(torch.bfloat16))
 
 
 @pytest.mark.slow

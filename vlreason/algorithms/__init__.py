@@ -4,7 +4,8 @@ Shapes are in the names (``logprobs_BT``: batch x completion tokens, ``rewards_N
 completion, ``..._V``: last dimension is the vocabulary). Losses return ``(loss, metrics)``;
 per-token losses are reduced by :func:`aggregate`. Variants live in plain dicts:
 :data:`ADVANTAGES`, :data:`AGGREGATIONS`, :data:`KL_ESTIMATORS`, :data:`POLICY_LOSSES`,
-:data:`DIVERGENCES`. See ``docs/algorithms.md`` for the formula table.
+:data:`DIVERGENCES`. :func:`ema_update_` keeps an EMA of weights in fp32. See
+``docs/algorithms.md`` for the formula table.
 """
 
 from vlreason.algorithms.advantages import (
@@ -34,6 +35,7 @@ from vlreason.algorithms.divergence import (
     topk_token_divergence,
     vision_opd_loss,
 )
+from vlreason.algorithms.ema import copy_to_, ema_update_, fp32_shadow
 from vlreason.algorithms.entropy import entropy_from_logits, entropy_from_logprobs
 from vlreason.algorithms.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_k1, kl_k2, kl_k3
 from vlreason.algorithms.policy_loss import (
@@ -54,11 +56,14 @@ __all__ = [
     "aggregate",
     "aggregate_sum_and_count",
     "clipped_surrogate",
+    "copy_to_",
     "drgrpo_advantages",
     "dvrp_regularizer",
+    "ema_update_",
     "entropy_from_logits",
     "entropy_from_logprobs",
     "forward_kl",
+    "fp32_shadow",
     "generalized_jsd",
     "group_advantages",
     "group_index",
