@@ -4,10 +4,11 @@ from an image prompt, for each family the installed transformers supports."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
-import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlreason.cli import main
@@ -63,9 +64,28 @@ def test_vocab_too_small_is_a_clear_error(tmp_path, capsys):
     assert "vocab-size" in capsys.readouterr().err
 
 
-def test_cached_path_is_reused(tiny_path):
-    from vlreason.models.tiny import tiny_model_path
+def test_cached_path_is_built_once_then_reused(tmp_path, monkeypatch):
+    import vlreason.models.tiny as tiny
 
-    assert tiny_model_path() == tiny_path
-    assert torch.load  # cached build exists
-    assert (tiny_path / "vlreason_tiny.json").is_file()
+    monkeypatch.setenv("VLREASON_CACHE", str(tmp_path))
+    builds = []
+
+    def counting_build(path, spec):
+        builds.append(spec.seed)
+        return real_build(path, spec)
+
+    real_build = tiny.build_tiny_model
+    monkeypatch.setattr(tiny, "build_tiny_model", counting_build)
+    first = tiny.tiny_model_path(seed=5)
+    assert first.parent == tmp_path / "tiny-models" and builds == [5]
+    assert json.loads((first / "vlreason_tiny.json").read_text())["seed"] == 5
+    digest = _digest(first)
+    assert tiny.tiny_model_path(seed=5) == first and builds == [5]  # reused, not rebuilt
+    assert _digest(first) == digest
+    other = tiny.tiny_model_path(seed=6)
+    assert other != first and builds == [5, 6]
+    # a folder left without its marker (a build that died) is rebuilt, not trusted
+    (other / "vlreason_tiny.json").unlink()
+    (other / "model.safetensors").write_bytes(b"half-written")
+    assert tiny.tiny_model_path(seed=6) == other and builds == [5, 6, 6]
+    assert load_file(str(other / "model.safetensors"))  # parses: the half-written file was replaced

@@ -64,8 +64,15 @@ def test_registry():
         "format": 1.0,
         "accuracy": 1.0,
     }
-    for fn in REWARDS.values():
-        assert fn(GOOD, "3", truncated=False, choices=None) in (0.0, 1.0)
+    # every registered reward takes the shared keyword info, gives full marks to a correct,
+    # well-formed completion and nothing to a bad one
+    box = "<think>x</think><answer>[0, 0, 10, 10]</answer>"
+    best = {name: (GOOD, "3") for name in REWARDS} | {"iou": (box, "[0, 0, 10, 10]")}
+    worst = {"format": ("3", "3"), "accuracy": (WRONG, "3"), "vision_r1": (NO_THINK, "3"),
+             "format_accuracy": ("4", "3"), "iou": (box, "[20, 20, 30, 30]")}
+    for name, fn in REWARDS.items():
+        assert fn(*best[name], truncated=False, choices=None) == 1.0, name
+        assert fn(*worst[name], truncated=False, choices=None) == 0.0, name
     assert get_reward("vision_r1") is hard_format_and_correct
     with pytest.raises(ValueError, match="unknown reward"):
         get_reward("nope")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,7 +54,23 @@ def test_partial_edge_patches_and_fill() -> None:
     assert (out == (9, 8, 7)).all()
     grey = patch_mask(Image.new("L", (30, 20), 200), 1.0, fill=5)
     assert grey.mode == "L" and np.asarray(grey).max() == 5
-    assert math.ceil(30 / 14) == 3  # grid from the top-left covers the edge
+
+
+def test_partial_edge_patches_follow_the_grid() -> None:
+    # 30 x 20 with 14-px patches: columns 0-13 | 14-27 | 28-29 and rows 0-13 | 14-19,
+    # a 2 x 3 grid from the top-left whose right column and bottom row are partial.
+    img = _noise_image(30, 20)
+    cols, rows = [(0, 14), (14, 28), (28, 30)], [(0, 14), (14, 20)]
+    corner_seen = set()
+    for seed in range(8):
+        zero = (np.asarray(patch_mask(img, 0.5, seed=seed)) == 0).all(axis=2)
+        grid = patch_mask_grid(2, 3, 0.5, seed)
+        for i, (r0, r1) in enumerate(rows):
+            for j, (c0, c1) in enumerate(cols):
+                block = zero[r0:r1, c0:c1]
+                assert block.all() if grid[i, j] else not block.any(), (seed, i, j)
+        corner_seen.add(bool(grid[1, 2]))
+    assert corner_seen == {True, False}  # the 6 x 2 corner patch was both masked and kept
 
 
 def test_mask_deterministic_and_input_unchanged() -> None:
