@@ -7,7 +7,7 @@ from PIL import Image
 
 from data_pipelines.synthetic import make_color, make_fine_detail
 from vlreason.cli import main
-from vlreason.cli.preview import CAPTION, PAD, layout_size
+from vlreason.cli.preview import CAPTION, PAD, layout_size, render_grid
 from vlreason.data.schema import save_canonical
 
 
@@ -17,10 +17,29 @@ def data_dir(tmp_path_factory):
     return save_canonical(rows, tmp_path_factory.mktemp("preview") / "ds")
 
 
-def test_layout_size_by_hand() -> None:
-    # 2 cells of 100 + 3 pads of 8 wide; 8 + 2 * (16 + 100 + 8) high.
-    assert (PAD, CAPTION) == (8, 16)
-    assert layout_size(2, 100) == (224, 256)
+def test_render_grid_places_each_image_in_its_cell_keeping_aspect() -> None:
+    cell = 40
+    solid = {c: Image.new("RGB", size, c) for c, size in
+             [("red", (20, 10)), ("blue", (10, 20)), ("lime", (40, 40)), ("yellow", (80, 40))]}
+    grid = render_grid([(solid["red"], "a", solid["blue"], "b"), (solid["lime"], "c", solid["yellow"], "d")], cell)
+    assert grid.size == layout_size(2, cell)
+
+    def at(i: int, j: int, x: int, y: int) -> tuple[int, int, int]:
+        """Pixel (x, y) of cell (line i, column j), below its caption band."""
+        return grid.getpixel((PAD + j * (cell + PAD) + x, PAD + i * (CAPTION + cell + PAD) + CAPTION + y))
+
+    white = (255, 255, 255)
+    # red 20x10 -> 40x20 (nearest, x2), centred: rows 10-29 red, rows 0-9 letterbox
+    assert at(0, 0, 20, 20) == (255, 0, 0) and at(0, 0, 20, 5) == white and at(0, 0, 0, 10) == (255, 0, 0)
+    # blue 10x20 -> 20x40, centred: columns 10-29 blue, columns 0-9 letterbox
+    assert at(0, 1, 20, 20) == (0, 0, 255) and at(0, 1, 5, 20) == white
+    # lime 40x40 fills its cell; yellow 80x40 -> 40x20 (shrunk), centred like red
+    assert at(1, 0, 0, 0) == at(1, 0, 39, 39) == (0, 255, 0)
+    assert at(1, 1, 20, 20) == (255, 255, 0) and at(1, 1, 20, 35) == white
+    # each caption band holds dark text pixels; the gutter between cells stays blank
+    band = grid.crop((PAD, PAD, PAD + cell, PAD + CAPTION)).convert("L")
+    assert band.getextrema()[0] < 128
+    assert grid.getpixel((PAD + cell + PAD // 2, PAD + CAPTION + cell // 2)) == white
 
 
 @pytest.mark.parametrize("view", ["resize", "crop", "box", "mask", "noise"])
