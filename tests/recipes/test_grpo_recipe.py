@@ -24,7 +24,10 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grpo_run_directory_and_learning_signal(tmp_path):
+def test_grpo_run_directory_contents_and_trainable_weights_change(tmp_path):
+    # what it checks: the run directory (config, metrics keys, checkpoints, TensorBoard events,
+    # loadable final/, curves) and that every trainable tensor moved. Not learning: with 4
+    # steps at lr 1e-3 the logged reward may fall; the learning check lives elsewhere.
     run = tmp_path / "run"
     assert main(["train", "grpo", f"output_dir={run}", "save_steps=2", "algorithm.kl_coef=0.01", *FAST]) == 0
     assert (run / "config.yaml").is_file()
