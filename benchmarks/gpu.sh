@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh fetch [DIR]     # where a package index is reachable: wheels -> DIR (.whl)
 #   bash benchmarks/gpu.sh [ARGS...]       # on the GPU machine, from the repository root
 #   bash benchmarks/gpu.sh --smoke         # toy shapes; any machine, CPU is fine
+#   bash benchmarks/gpu.sh setup           # only the install + import check (benchmarks/gpu_check.sh)
 #
 # The GPU image has torch, transformers, accelerate, peft and pillow but not datasets,
 # qwen-vl-utils or math-verify, and its transformers (5.17) predates the
@@ -13,6 +14,7 @@
 # install), checks the imports, then runs the benchmark under a hard time limit.
 # ARGS go to gpu_bench.py (e.g. --steps 3, -G 8, --max-new-tokens 1024, --peak-tflops 989).
 # With $OUT set (the device tool's output folder) the JSON lands in $OUT/gpu_bench.json.
+# SKIP_INSTALL=1 keeps what an earlier run put in $SITE (gpu_check.sh installs once).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,13 +30,16 @@ if [[ "${1:-}" == "fetch" ]]; then
     # it needs huggingface_hub >= 1.31 (the image's 1.x may be older).
     pip download --no-deps --only-binary=:all: -d "$dest" \
         "datasets>=3.0" "qwen-vl-utils>=0.0.8" "math-verify>=0.7" \
-        "transformers==5.24.0" "huggingface_hub>=1.31,<2"
+        "transformers==5.24.0" "huggingface_hub>=1.31,<2" \
+        "pytest>=8" "pluggy>=1.5" "iniconfig>=1" "pygments>=2.7"  # tests/gpu (gpu_check.sh)
     ls -1 "$dest"
     exit 0
 fi
 
 start=$(date +%s)
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then
+    echo "SKIP_INSTALL=1: using $SITE as installed earlier"
+elif compgen -G "$WHEELS/*.whl" > /dev/null; then
     # A carried wheel goes in unless the same distribution is already installed at that
     # version or newer (so the carried huggingface_hub never shadows a newer one).
     mapfile -t pick < <(python - "$WHEELS" <<'PY'
@@ -85,6 +90,9 @@ if missing:
     sys.exit("missing imports:\n  " + "\n  ".join(missing))
 EOF
 
+if [[ "${1:-}" == "setup" ]]; then
+    exit 0
+fi
 left=$(( LIMIT_S - ($(date +%s) - start) ))
 timeout --signal=INT --kill-after=20 "$left" python benchmarks/gpu_bench.py --time-limit $(( left - 60 )) "$@"
 echo "gpu.sh: done in $(( $(date +%s) - start )) s"
