@@ -100,9 +100,10 @@ SETUPS = [
     ("1 GPU, full, no ref", "none", 1, False, False, False),
     ("1 GPU, LoRA r16", "none", 1, True, False, False),
     ("8 GPU ddp, full, KL ref", "ddp", 8, False, True, False),
+    ("2 GPU fsdp2, full, KL ref", "fsdp2", 2, False, True, False),
+    ("2 GPU fsdp2 + offload, KL ref", "fsdp2", 2, False, True, True),
     ("8 GPU fsdp2, full, KL ref", "fsdp2", 8, False, True, False),
     ("16 GPU fsdp2, full, KL ref", "fsdp2", 16, False, True, False),
-    ("8 GPU fsdp2 + offload, KL ref", "fsdp2", 8, False, True, True),
 ]
 
 
