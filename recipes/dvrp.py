@@ -72,8 +72,9 @@ from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.chunked import chunked_entropy, chunked_full_kl, gather_logprobs
 from vlreason.rollout.forward import completion_hidden_states
 from vlreason.rollout.prompts import decode_row_images
+from vlreason.train.distributed import world
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer, world
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.views import PixelBudget, add_noise, annealed_timestep, patch_mask, patch_mask_grid
 from vlreason.views.noise import NUM_STEPS

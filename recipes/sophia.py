@@ -72,8 +72,8 @@ from vlreason.rewards import accuracy_reward, hard_format_and_correct
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.generate import SamplingConfig
 from vlreason.rollout.prompts import build_prompt_batch, tokenize_targets
-from vlreason.train.grpo import global_sum, hash_seed
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer, world
+from vlreason.train.distributed import global_sum, hash_seed, world
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 
 log = logging.getLogger(__name__)

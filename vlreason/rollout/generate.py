@@ -2,8 +2,10 @@
 
 The vision tower runs once over the prompts' images; its outputs are handed to
 ``generate`` as pre-computed encoder outputs, expanded to the G copies by index (no
-re-encoding). Sampling is seeded per call (``seed``), independent of the global RNG
-stream, so a resumed run samples exactly what an uninterrupted one would.
+re-encoding). Sampling is seeded per prompt (``seed``: one seed per prompt, or one int
+from which they are derived), independent of the global RNG stream and of the other
+prompts in the batch: a resumed run samples exactly what an uninterrupted one would,
+and a prompt gets the same completions on 1 or N processes.
 
 Two samplers draw the same tokens under the same seed: with ``share_prefix`` (default)
 each prompt is prefilled once and its KV cache reused by its G completions
@@ -67,14 +69,33 @@ def completion_masks(ids_NT: torch.Tensor, end_ids: list[int], pad_id: int) -> t
     return ids, mask, ~has_end
 
 
+def prompt_seeds(seed: int | list[int], num_prompts: int) -> tuple[int, ...]:
+    """One sampling seed per prompt: ``seed`` itself when it is a list, else derived from
+    (seed, position in the batch)."""
+    if isinstance(seed, int):
+        return tuple((seed * 1_000_003 + p * 104_729 + 17) % (2**31 - 1) for p in range(num_prompts))
+    if len(seed) != num_prompts:
+        raise ValueError(f"{len(seed)} seeds for {num_prompts} prompts")
+    return tuple(int(s) for s in seed)
+
+
 def sample_with_generate(model, family: Family, prompts: PromptBatch, encoded, settings: DecodeSettings) -> torch.Tensor:
-    """Reference sampler: HF ``generate`` on the G copies of each prompt; generated ids only."""
-    group = torch.arange(prompts.num_prompts, device=prompts.input_ids_PT.device).repeat_interleave(
-        settings.num_generations
-    )
+    """Reference sampler: HF ``generate`` on the G copies of each prompt, one prompt at a
+    time under its own seed (the global RNG is reseeded); generated ids only, padded."""
+    outs = []
+    for p in range(prompts.num_prompts):
+        if settings.sampling:
+            torch.manual_seed(settings.prompt_seeds[p])
+        outs.append(_generate_group(model, family, prompts, encoded, settings, p))
+    width = max(o.shape[1] for o in outs)
+    return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=settings.pad_id) for o in outs])
+
+
+def _generate_group(model, family: Family, prompts: PromptBatch, encoded, settings: DecodeSettings, p: int):
+    group = torch.full((settings.num_generations,), p, device=prompts.input_ids_PT.device)
     kwargs = {}
-    if encoded is not None:
-        image_index = prompts.image_index(group.tolist())
+    image_index = prompts.image_index(group.tolist()) if encoded is not None else []
+    if image_index:  # a text-only prompt has no image to hand over
         kwargs["mm_encoder_outputs"] = {"image": family.select_images(encoded, image_index)}
         kwargs["image_grid_thw"] = prompts.image_grid_thw[image_index]
     if prompts.mm_token_type_ids_PT is not None:
@@ -105,7 +126,7 @@ def generate_completions(
     prompts: PromptBatch,
     cfg: SamplingConfig,
     *,
-    seed: int,
+    seed: int | list[int],
     num_generations: int | None = None,
     max_new_tokens: int | None = None,
 ) -> RolloutBatch:
@@ -134,12 +155,12 @@ def generate_completions(
         suppress_ids=[i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0],
         end_ids=end_token_ids(processor),
         pad_id=tok.pad_token_id,
+        prompt_seeds=prompt_seeds(seed, P),
     )
     sampler = sample_with_shared_prefix if cfg.share_prefix else sample_with_generate
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # generate reseeds
         raw = sampler(model, family, prompts, encoded, settings)
     model.train(was_training)
     ids, mask, truncated = completion_masks(raw, settings.end_ids, settings.pad_id)

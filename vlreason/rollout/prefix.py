@@ -13,10 +13,13 @@ length + step`` (the real length, not the padded one). This is the rule HF ``gen
 applies (``position_ids[..., -1] + 1`` per step).
 
 Sampling mirrors HF ``generate``: the same logits processors in the same order (vision
-tokens suppressed, then temperature, top-k, top-p), one ``torch.multinomial`` over all N
-rows per step (argmax when greedy), finished rows fed the pad token, stop when every row
-has produced an end token or ``max_new_tokens`` is reached. Under the same seed it
-therefore draws the same tokens as the plain path (tests/rollout/test_prefix.py).
+tokens suppressed, then temperature, top-k, top-p), one ``torch.multinomial`` per step
+(argmax when greedy), finished rows fed the pad token, stop when every row has produced
+an end token or ``max_new_tokens`` is reached. The noise is seeded per prompt: prompt p
+draws its G rows from its own ``torch.Generator`` seeded with ``prompt_seeds[p]``, so
+its samples do not depend on which other prompts share the batch (or the process).
+The plain path runs ``generate`` prompt by prompt under the same seeds and therefore
+draws the same tokens (tests/rollout/test_prefix.py).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class DecodeSettings:
     suppress_ids: list[int]
     end_ids: list[int]
     pad_id: int
+    prompt_seeds: tuple[int, ...] = ()  # one sampling seed per prompt (needed when sampling)
 
     @property
     def sampling(self) -> bool:
@@ -124,11 +128,25 @@ def logits_processors(settings: DecodeSettings, device: torch.device) -> LogitsP
     return processors
 
 
-def next_tokens(scores_NV: torch.Tensor, sampling: bool) -> torch.Tensor:
-    """One draw per row from the processed scores (argmax when greedy), like ``generate``."""
-    if sampling:
-        return torch.multinomial(torch.softmax(scores_NV, dim=-1), num_samples=1).squeeze(1)
-    return scores_NV.argmax(-1)
+def prompt_generators(settings: DecodeSettings, num_prompts: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per prompt, seeded with its ``prompt_seeds`` entry (none when greedy)."""
+    if not settings.sampling:
+        return []
+    if len(settings.prompt_seeds) != num_prompts:
+        raise ValueError(f"sampling needs one seed per prompt: {num_prompts} prompts, "
+                         f"{len(settings.prompt_seeds)} seeds")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in settings.prompt_seeds]
+
+
+def next_tokens(scores_NV: torch.Tensor, generators: list[torch.Generator], group_size: int) -> torch.Tensor:
+    """One draw per row from the processed scores, rows p*G ... p*G+G-1 from prompt p's
+    generator (``torch.multinomial`` as ``generate`` draws); argmax without generators."""
+    if not generators:
+        return scores_NV.argmax(-1)
+    probs = torch.softmax(scores_NV, dim=-1)
+    draws = [torch.multinomial(probs[p * group_size : (p + 1) * group_size], num_samples=1, generator=g)
+             for p, g in enumerate(generators)]
+    return torch.cat(draws).squeeze(1)
 
 
 @torch.no_grad()
@@ -147,13 +165,14 @@ def sample_with_shared_prefix(
     position = start.next_position_3P.repeat_interleave(G, dim=1)
     attention_mask = prompts.attention_mask_PT.repeat_interleave(G, dim=0)
     processors = logits_processors(settings, logits.device)
+    generators = prompt_generators(settings, prompts.num_prompts, logits.device)
     end_ids = torch.tensor(settings.end_ids, device=logits.device)
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     generated = logits.new_empty(logits.shape[0], 0, dtype=torch.long)
     for step in range(settings.max_new_tokens):
         # these processors never read the ids they are given (HF passes prompt + generated)
         scores = processors(generated, logits.float())
-        tokens = next_tokens(scores, settings.sampling).masked_fill(~unfinished, settings.pad_id)
+        tokens = next_tokens(scores, generators, G).masked_fill(~unfinished, settings.pad_id)
         generated = torch.cat([generated, tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(tokens, end_ids)
         if not unfinished.any() or step + 1 == settings.max_new_tokens:

@@ -2,18 +2,28 @@
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step-N/``::
 
-    model.safetensors    the model state given (trainable parameters are enough)
-    optimizer.pt         optimizer.state_dict()          (when an optimizer is given)
+    state/               sharded with torch.distributed.checkpoint (DCP): the trainable
+                         parameters and the optimizer state, each process writing its
+                         own shard (``__R_0.distcp``) plus one ``.metadata``  (``model=``)
+    model.safetensors    the trainable parameters as one plain file: ``model_state=``,
+                         or with ``model=`` when nothing is sharded (a copy for tools)
+    optimizer.pt         optimizer.state_dict()          (``model_state=`` path only)
     scheduler.pt         scheduler.state_dict()          (when a scheduler is given)
-    rng.pt               python random, numpy, torch CPU and CUDA generator states
+    rng.pt, rng-R.pt     python random, numpy, torch CPU and CUDA generator states of
+                         process 0 (rng.pt) and of process R > 0
     trainer_state.json   {"step": N, ...}: data position, stage, anything JSON-able
     config.yaml          the resolved run config          (when a config is given)
 
-Everything is written into ``step-N.tmp-<pid>/`` first and renamed into place with
-``os.replace``, so a directory named ``step-N`` is always complete; a crash leaves at
-most a ``*.tmp-*`` directory, which resume ignores (and which is safe to delete).
-``checkpoints/latest`` is a one-line text file naming the newest checkpoint, itself
-replaced atomically. Call :func:`save_checkpoint` on the main process only.
+Everything is written into ``step-N.tmp-<id>/`` first (one name shared by every
+process) and renamed into place with ``os.replace`` by process 0 after every process
+has finished its shard, so a directory named ``step-N`` is always complete; a crash
+(or kill -9) leaves at most a ``*.tmp-*`` directory, which resume ignores (and which
+is safe to delete). ``checkpoints/latest`` is a one-line text file naming the newest
+checkpoint, itself replaced atomically.
+
+With ``model=`` (the loop's path) every process calls :func:`save_checkpoint` and
+:func:`load_checkpoint`; DCP reshards on load, so a checkpoint written by N processes
+resumes on M. With only ``model_state=`` call them on one process.
 """
 
 from __future__ import annotations
@@ -30,8 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
+
+from vlreason.train.distributed import world
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -41,6 +54,7 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+STATE_DIR = "state"  # DCP: sharded trainable parameters + optimizer state
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -51,7 +65,8 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None = None,
+    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     trainer_state: dict[str, Any] | None = None,
@@ -62,53 +77,112 @@ def save_checkpoint(
 ) -> Path:
     """Write ``run_dir/checkpoints/step-{step}/`` atomically and return its path.
 
+    ``model=`` (every process calls): its trainable parameters and ``optimizer``'s state
+    go to ``state/`` through DCP, each process writing its shard. ``model_state=`` (one
+    process): a plain dict written as ``model.safetensors`` (+ ``optimizer.pt``).
     ``trainer_state`` must be JSON-able; ``step`` is stored in it (a different ``"step"``
     inside it is an error). ``config`` is a dict or a dataclass. ``extra(tmp_dir)``, if
-    given, may write more files (e.g. an adapter config) before the directory is
-    published. ``keep_last`` keeps only that many newest checkpoints, never deleting the
-    one just written. Saving a step that already exists replaces it.
+    given, may write more files (e.g. a recipe's EMA teacher) on process 0 before the
+    directory is published. ``keep_last`` keeps only that many newest checkpoints, never
+    deleting the one just written. Saving a step that already exists replaces it.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if (model is None) == (model_state is None):
+        raise ValueError("give exactly one of model= (sharded, every process) and model_state=")
     state = dict(trainer_state or {})
     if state.setdefault("step", step) != step:
         raise ValueError(f"trainer_state['step']={state['step']} but step={step}")
+    rank, size = world()
+    is_main = rank == 0
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f"step-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = ckpt_root / f"step-{step}.tmp-{_shared_token()}"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(size)
     try:
-        save_file(
-            _safetensors_ready(model_state),
-            str(tmp / MODEL_FILE),
-            metadata={"format": "pt", "step": str(step)},
-        )
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        if model is not None:
+            _save_sharded(tmp, model, optimizer)
+        if is_main:
+            _write_main_files(tmp, step, state, model_state, optimizer if model is None else None,
+                              scheduler, config, extra)
         if rng:
-            torch.save(_rng_state(), tmp / RNG_FILE)
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if config is not None:
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-        if extra is not None:
-            extra(tmp)
+            torch.save(_rng_state(), tmp / (RNG_FILE if is_main else f"rng-{rank}.pt"))
         for file in tmp.iterdir():
-            if file.is_file():
+            if file.is_file() and (is_main or file.name == f"rng-{rank}.pt"):
                 _fsync_file(file)
-        _fsync_dir(tmp)
-        _publish(tmp, final)
+        _barrier(size)  # every shard is on disk before the directory is published
+        if is_main:
+            _fsync_dir(tmp)
+            _publish(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
-    if keep_last is not None:
-        _prune(ckpt_root, keep_last, keep=final)
+    if is_main:
+        _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+        if keep_last is not None:
+            _prune(ckpt_root, keep_last, keep=final)
+    _barrier(size)
     return final
+
+
+def _write_main_files(tmp: Path, step: int, state: dict[str, Any], model_state, optimizer, scheduler,
+                      config, extra) -> None:
+    """Process 0's share: plain weights, scheduler, trainer state, config, recipe extras."""
+    if model_state is not None:
+        save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE),
+                  metadata={"format": "pt", "step": str(step)})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    if config is not None:
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    if extra is not None:
+        extra(tmp)
+
+
+def _sharded_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _save_sharded(tmp: Path, model: torch.nn.Module, optimizer) -> None:
+    """DCP: each process writes its shard of the trainable parameters and optimizer
+    state; with nothing sharded, process 0 also writes them as ``model.safetensors``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_sharded_options())
+        payload = {"model": model_sd, "optim": optim_sd}
+    else:
+        model_sd = get_model_state_dict(model, options=_sharded_options())
+        payload = {"model": model_sd}
+    dcp.save(payload, checkpoint_id=str(tmp / STATE_DIR))
+    plain = not any(hasattr(t, "to_local") for t in model_sd.values())
+    if plain and world()[0] == 0:
+        save_file(_safetensors_ready(model_sd), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+
+
+def _shared_token() -> str:
+    """A temp-directory suffix every process agrees on (process 0's pid)."""
+    token = [str(os.getpid())]
+    if world()[1] > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _barrier(size: int) -> None:
+    if size > 1:
+        dist.barrier()
 
 
 def _safetensors_ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,36 +286,73 @@ def _prune(ckpt_root: Path, keep_last: int, keep: Path) -> None:
 def load_checkpoint(
     path: str | Path,
     *,
+    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     restore_rng: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint directory: returns ``(model_state, trainer_state)``.
 
-    ``model_state`` tensors are on CPU (load them with
-    ``model.load_state_dict(model_state, strict=False)`` when only trainable parameters
-    were saved). The optimizer's and scheduler's states are loaded in place when given;
-    the RNG states are restored when ``restore_rng``.
+    With ``model=`` and a sharded ``state/`` (every process calls): the trainable
+    parameters and the optimizer state are loaded in place through DCP, resharded to
+    this run's processes, and ``model_state`` is empty. Otherwise ``model_state`` holds
+    the plain ``model.safetensors`` tensors on CPU (load them with
+    ``model.load_state_dict(model_state, strict=False)``) and the optimizer's state
+    comes from ``optimizer.pt``. The scheduler is loaded in place when given; the RNG
+    states are restored when ``restore_rng`` (process R > 0 takes its own when saved).
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(
             f"{path} is not a complete checkpoint (expected a step-N directory with "
-            f"{MODEL_FILE} and {TRAINER_STATE_FILE})"
+            f"{STATE_DIR}/ or {MODEL_FILE}, and {TRAINER_STATE_FILE})"
         )
-    model_state = load_file(str(path / MODEL_FILE), device="cpu")
     trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
-    for obj, file in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
-        if obj is None:
-            continue
-        if not (path / file).exists():
-            raise FileNotFoundError(f"{path / file} is missing; this checkpoint has no {file}")
-        obj.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
+    model_state: dict[str, torch.Tensor] = {}
+    if model is not None and (path / STATE_DIR / ".metadata").is_file():
+        _load_sharded(path, model, optimizer)
+    else:
+        model_state = load_file(str(path / MODEL_FILE), device="cpu")
+        _load_into(optimizer, path / OPTIMIZER_FILE, path)
+    _load_into(scheduler, path / SCHEDULER_FILE, path)
     if restore_rng:
-        if not (path / RNG_FILE).exists():
-            raise FileNotFoundError(f"{path / RNG_FILE} is missing (saved with rng=False?)")
-        _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+        own = path / f"rng-{world()[0]}.pt"
+        file = own if world()[0] > 0 and own.is_file() else path / RNG_FILE
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is missing (saved with rng=False?)")
+        _set_rng_state(torch.load(file, map_location="cpu", weights_only=True))
     return model_state, trainer_state
+
+
+def _load_into(obj, file: Path, path: Path) -> None:
+    if obj is None:
+        return
+    if not file.exists():
+        raise FileNotFoundError(f"{file} is missing; this checkpoint has no {file.name}")
+    obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    options = _sharded_options()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        payload = {"model": model_sd, "optim": optim_sd}
+    else:
+        payload = {"model": get_model_state_dict(model, options=options)}
+    dcp.load(payload, checkpoint_id=str(path / STATE_DIR))  # missing keys are an error here
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                       options=options)
+    else:
+        set_model_state_dict(model, payload["model"], options=options)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -266,11 +377,12 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def is_complete(path: str | Path) -> bool:
-    """A published checkpoint: named ``step-N`` and holding the model and trainer state."""
+    """A published checkpoint: named ``step-N`` and holding the model (sharded state or
+    plain file) and the trainer state."""
     path = Path(path)
     return (
         checkpoint_step(path) is not None
-        and (path / MODEL_FILE).is_file()
+        and ((path / STATE_DIR / ".metadata").is_file() or (path / MODEL_FILE).is_file())
         and (path / TRAINER_STATE_FILE).is_file()
     )
 
@@ -320,6 +432,6 @@ def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | Non
         return found
     raise FileNotFoundError(
         f"resume: {path} holds no complete checkpoint (expected a step-N directory with "
-        f"{MODEL_FILE} and {TRAINER_STATE_FILE}, or a run directory with "
+        f"{STATE_DIR}/ or {MODEL_FILE}, and {TRAINER_STATE_FILE}, or a run directory with "
         f"{CHECKPOINTS_DIR}/step-N/); incomplete *.tmp-* directories are ignored"
     )

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from vlreason.algorithms import (
     ADVANTAGES,
@@ -29,7 +28,7 @@ from vlreason.models.policy import Policy
 from vlreason.rewards import get_reward
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.prompts import decode_row_images
-from vlreason.train.loop import world
+from vlreason.train.distributed import global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,6 @@ def score(reward_fn, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch
     return torch.tensor(rewards), {k: torch.tensor(v) for k, v in components.items()}
 
 
-def global_sum(value: torch.Tensor | float) -> float:
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
-    if world()[1] > 1:
-        dist.all_reduce(t)
-    return float(t)
-
-
 def rollout_metrics(batch: RolloutBatch, G: int) -> dict[str, float]:
     rewards = batch.rewards_N
     lengths = batch.completion_lengths_N.float()
@@ -110,13 +102,17 @@ class GRPOPhases:
     def next_prompts(self, step: int):
         """This process's share of the step's prompts. Rows whose image no longer decodes
         or whose prompt is too long are reported, counted and left out (never silently
-        dropped, never a crash, never cut through image tokens)."""
+        dropped, never a crash, never cut through image tokens). ``self.prompt_index``
+        holds each kept prompt's index in the step's global list (its sampling seed)."""
         rank, size = world()
-        rows, images = [], []
-        for row in shard(self.stream.next_rows(self.cfg.prompts_per_step), rank, size):
+        rows, images, index = [], [], []
+        step_rows = self.stream.next_rows(self.cfg.prompts_per_step)
+        for i in shard(list(range(len(step_rows))), rank, size):
+            row = step_rows[i]
             try:
                 images.append(decode_row_images(row))
                 rows.append(row)
+                index.append(i)
             except ValueError as err:
                 self.skip(step, row, str(err))
         limit = self.policy.rollout.prompt.max_prompt_tokens
@@ -127,10 +123,11 @@ class GRPOPhases:
             for i in sorted(set(range(len(rows))) - set(keep)):
                 self.skip(step, rows[i], f"prompt has {lengths[i]} tokens (image tokens included) > "
                           f"rollout.prompt.max_prompt_tokens={limit}; prompts are never cut through image tokens")
-            rows, images = [rows[i] for i in keep], [images[i] for i in keep]
+            rows, images, index = [rows[i] for i in keep], [images[i] for i in keep], [index[i] for i in keep]
             prompts = self.policy.prompts(rows, images=images) if rows else None
         if prompts is None:
             raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
+        self.prompt_index = index
         return prompts
 
     def skip(self, step: int, row: dict[str, Any], reason: str) -> None:
@@ -140,12 +137,10 @@ class GRPOPhases:
     def prepare(self, step: int, timer: StepTimer, *, num_generations: int | None = None,
                 max_new_tokens: int | None = None) -> tuple[list[RolloutBatch], dict[str, Any]]:
         G = num_generations or self.policy.rollout.num_generations
-        rank, _ = world()
         with timer("rollout"):
             prompts = self.next_prompts(step)
-            batch = self.policy.sample(
-                prompts, seed=hash_seed(self.seed, step, rank), num_generations=G, max_new_tokens=max_new_tokens,
-            )
+            seeds = [hash_seed(self.seed, step, i) for i in self.prompt_index]  # per prompt, not per process
+            batch = self.policy.sample(prompts, seed=seeds, num_generations=G, max_new_tokens=max_new_tokens)
         with timer("reward"):
             batch.rewards_N, batch.reward_components = score(self.reward_fn, batch)
             batch.advantages_N = ADVANTAGES[self.cfg.advantage](batch.rewards_N, G)
@@ -155,7 +150,7 @@ class GRPOPhases:
         metrics = rollout_metrics(batch, G)
         metrics["data/skipped_rows"] = self.skipped_rows
         metrics["data/epoch"] = self.stream.epoch
-        self.normaliser = global_sum(self._count(batch))
+        self.normaliser = global_sum(self._count(batch))  # the global count; each process divides by W
         per_micro = self.cfg.micro_batch_prompts * G
         micro = [batch.select(list(range(i, min(i + per_micro, batch.num_completions))))
                  for i in range(0, batch.num_completions, per_micro)]
@@ -189,8 +184,3 @@ class GRPOPhases:
             loss = loss + self.cfg.kl_coef * kl
             metrics["kl"] = float(kl.detach()) * count / max(self._count(batch).item(), 1e-8)
         return loss, {k: float(v) for k, v in metrics.items()}
-
-
-def hash_seed(seed: int, step: int, rank: int) -> int:
-    """A sampling seed for (run seed, step, process), stable across resumes."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)

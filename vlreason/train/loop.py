@@ -14,14 +14,17 @@ A recipe hands the loop an object with four methods:
   EMA teacher) written into and read from the checkpoint directory itself, so they are
   atomic and pruned with it.
 
-The loop owns the optimizer and schedule, gradient clipping, the gradient all-reduce
-across processes, NaN-step skipping, metrics, checkpoints (every ``save_steps``, on
+The loop owns the optimizer and schedule, the engine the model runs on
+(``parallel.strategy``: one process, DDP or FSDP2, see ``train/parallel.py``), mixed
+precision (fp32 master weights, forward/backward in ``model.dtype``), gradient
+clipping, NaN-step skipping, metrics, checkpoints (every ``save_steps``, on
 SIGINT/SIGTERM, at the end) and exact resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -31,11 +34,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from vlreason.config import doc, to_dict
 from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vlreason.train.distributed import all_agree, reduce_metrics, world
+from vlreason.train.memory import log_memory_plan
 from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
+from vlreason.train.parallel import (
+    ParallelConfig,
+    aligned_micro_batches,
+    barrier,
+    build_engine,
+    grad_norm_and_clip,
+    resolve_strategy,
+)
 from vlreason.train.schedule import build_optimizer, build_scheduler
 from vlreason.train.signals import GracefulStop
 
@@ -72,9 +84,9 @@ class LoopConfig:
     max_nan_steps: int = doc("Stop after this many skipped non-finite steps.", 5)
     trackers: list[str] = doc("Metric sinks: jsonl, tensorboard, wandb.", ["jsonl", "tensorboard"])
     progress: bool = doc("Show a progress bar.", True)
-    bf16_autocast: bool = doc("Run forward passes under bf16 autocast on CUDA (no effect on CPU); "
-                              "fp32 weights then keep fp32 master copies.", True)
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig,
+                                     metadata={"help": "How the model runs over processes (none, DDP, FSDP2)."})
 
 
 class Recipe(Protocol):
@@ -93,24 +105,6 @@ class Recipe(Protocol):
 
 class TrainingStopped(RuntimeError):
     """Training stopped early (too many non-finite steps); a checkpoint was written."""
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_mean_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over processes (the loop calls model internals, so no DDP)."""
-    rank, size = world()
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(size)
 
 
 def mean_metrics(metric_list: list[dict[str, Any]]) -> dict[str, float]:
@@ -137,9 +131,10 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.rank, self.world_size = world()
         self.is_main = self.rank == 0
-        self.params = [p for p in recipe.model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in recipe.model.parameters()):
             raise ValueError("the model has no trainable parameters (check freezing / LoRA settings)")
+        self.setup_engine()
+        self.params = [p for p in recipe.model.parameters() if p.requires_grad]
         named = [(n, p) for n, p in recipe.model.named_parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = build_optimizer(named, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
@@ -153,38 +148,51 @@ class Trainer:
         self.step = 0
         self.nan_steps = 0
 
+    def setup_engine(self) -> None:
+        """Plan the memory, then wrap the model (and a frozen reference copy) on the
+        engine ``parallel.strategy`` names; before the optimizer exists (FSDP2 turns the
+        parameters into shards)."""
+        policy = getattr(self.recipe, "policy", None)
+        self.compute_dtype = policy.compute_dtype if policy is not None else torch.float32
+        par = self.cfg.parallel
+        self.strategy = resolve_strategy(par.strategy, self.world_size)
+        if self.is_main:
+            log_memory_plan(self.recipe.model, strategy=self.strategy, world_size=self.world_size,
+                            compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
+                            cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
+                            device=next(self.recipe.model.parameters()).device)
+        family = getattr(policy, "family", None)
+        self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)
+        if self.strategy == "fsdp2" and getattr(policy, "reference", None) is not None:
+            policy.reference_run = build_engine(par, policy.reference, family, compute_dtype=self.compute_dtype).forward
+        local, total = self.engine.local_numel()
+        if self.is_main and self.strategy != "none":
+            print(f"parallel: {self.strategy} on {self.world_size} processes; this process holds "
+                  f"{local:,} of {total:,} trainable elements ({local / max(total, 1):.1%})", flush=True)
+
     # ---- checkpoints -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.recipe.model.named_parameters() if p.requires_grad}
 
-    def save(self) -> Path | None:
-        path = None
-        if self.is_main:
-            path = save_checkpoint(
-                self.run_dir, self.step,
-                model_state=self.trainable_state(),
-                optimizer=self.optimizer, scheduler=self.scheduler,
-                trainer_state={"nan_steps": self.nan_steps, "recipe": self.recipe.state_dict()},
-                config=to_dict(self.full_config) if self.full_config is not None else None,
-                keep_last=self.cfg.keep_last or None,
-                extra=getattr(self.recipe, "save_extra", None),
-            )
-        if self.world_size > 1:
-            dist.barrier()
-        return path
+    def save(self) -> Path:
+        """A sharded checkpoint (every process writes its shard; see train/checkpoint.py)."""
+        return save_checkpoint(
+            self.run_dir, self.step,
+            model=self.recipe.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            trainer_state={"nan_steps": self.nan_steps, "recipe": self.recipe.state_dict()},
+            config=to_dict(self.full_config) if self.full_config is not None else None,
+            keep_last=self.cfg.keep_last or None,
+            extra=getattr(self.recipe, "save_extra", None),
+        )
 
     def maybe_resume(self) -> None:
         path = resolve_resume(self.run_dir, self.cfg.resume or None)
         if path is None:
             return
-        model_state, state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler)
-        missing = set(self.trainable_state()) - set(model_state)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks trainable parameters, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, param in self.recipe.model.named_parameters():
-                if name in model_state:
-                    param.copy_(model_state[name].to(param.device, param.dtype))
+        model_state, state = load_checkpoint(path, model=self.recipe.model, optimizer=self.optimizer,
+                                             scheduler=self.scheduler)
+        if model_state:  # a plain (pre-DCP) checkpoint: copy the tensors in
+            self.load_plain(path, model_state)
         self.step = int(state["step"])
         self.nan_steps = int(state.get("nan_steps", 0))
         self.recipe.load_state_dict(state.get("recipe", {}))
@@ -192,6 +200,15 @@ class Trainer:
             self.recipe.load_extra(path)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def load_plain(self, path: Path, model_state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable_state()) - set(model_state)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable parameters, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, param in self.recipe.model.named_parameters():
+                if name in model_state:
+                    param.copy_(model_state[name].to(param.device, param.dtype))
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
@@ -239,8 +256,9 @@ class Trainer:
                       f"(checkpoint: {path})", flush=True)
             return path
         final = self.run_dir / "final"
-        if self.is_main and self.save_final is not None:
+        if self.save_final is not None:  # on every process: sharded weights are gathered
             self.save_final(final)
+        barrier()
         return final
 
     @contextlib.contextmanager
@@ -260,27 +278,29 @@ class Trainer:
             raise
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.bf16_autocast and torch.cuda.is_available():
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Compute in ``model.dtype`` over fp32 master weights: autocast (CPU or CUDA) for
+        one process and DDP; FSDP2 casts through its MixedPrecisionPolicy instead."""
+        if self.compute_dtype == torch.float32 or self.strategy == "fsdp2":
+            return contextlib.nullcontext()
+        device = next(self.recipe.model.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
     def train_step(self, timer: StepTimer) -> dict[str, Any]:
-        with self.autocast():
-            micro_batches, metrics = self.recipe.prepare(self.step, timer)
+        with self.autocast():  # rollout, rewards, reference: parameters gathered once (FSDP2)
+            micro_batches, metrics = self.engine.gathered(lambda: self.recipe.prepare(self.step, timer))
         step_metrics = []
         finite = True
         with timer("update"):
-            for micro in micro_batches:
-                with self.autocast():
-                    loss, m = self.recipe.step(micro)
-                if not torch.isfinite(loss.detach()):
-                    finite = False
-                    break
-                loss.backward()
-                step_metrics.append({"loss": loss.detach(), **m})
-            all_reduce_mean_grads(self.params)
-            grad_norm = self.clip()
-            finite = self.agree(finite and math.isfinite(grad_norm))
+            pairs = aligned_micro_batches(micro_batches)  # the same count on every process
+            for i, (micro, weight) in enumerate(pairs):
+                with self.autocast():  # the engine reduces gradients on the last one
+                    loss, m = self.engine.forward(functools.partial(self.recipe.step, micro), sync=i == len(pairs) - 1)
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                (loss * weight).backward()  # a non-finite loss still backpropagates: collectives stay aligned
+                if weight:
+                    step_metrics.append({"loss": loss.detach(), **m})
+            grad_norm = grad_norm_and_clip(self.params, self.cfg.optim.max_grad_norm)
+            finite = all_agree(finite and math.isfinite(grad_norm))
             if finite:
                 self.optimizer.step()
             else:
@@ -294,35 +314,11 @@ class Trainer:
         self.step += 1
         out = {**metrics, **mean_metrics(step_metrics), **extra}
         out["loss"] = sum(float(m["loss"]) for m in step_metrics) if step_metrics else float("nan")
-        out = self.mean_over_processes(out)
+        out = reduce_metrics(out, "mean")  # each process saw its share of the batch
         out.update(grad_norm=grad_norm, lr=lr, skipped_steps=self.nan_steps)
         out.update(timer.pop())
         return out
 
-    def mean_over_processes(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Average numeric metrics over processes (each saw its share of the batch)."""
-        if self.world_size == 1:
-            return metrics
-        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
-        return {**metrics, **dict(zip(keys, (values / self.world_size).tolist()))}
-
     def should_print(self) -> bool:
         """Without a progress bar (no TTY), print a plain line on a few steps."""
         return self.step in (1, self.cfg.max_steps) or self.step % 10 == 0
-
-    def clip(self) -> float:
-        max_norm = self.cfg.optim.max_grad_norm
-        if max_norm and max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        grads = [p.grad.detach().norm() for p in self.params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
-
-    def agree(self, ok: bool) -> bool:
-        """All processes skip a step if any of them saw a non-finite value."""
-        if self.world_size == 1:
-            return ok
-        flag = torch.tensor([0.0 if ok else 1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() == 0)

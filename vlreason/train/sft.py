@@ -20,8 +20,7 @@ from vlreason.data.stream import RowStream, shard
 from vlreason.models.policy import Policy
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.prompts import tokenize_targets
-from vlreason.train.grpo import global_sum
-from vlreason.train.loop import world
+from vlreason.train.distributed import global_sum, world
 from vlreason.train.metrics import StepTimer
 
 
