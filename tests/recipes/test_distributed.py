@@ -1,12 +1,11 @@
-"""Two CPU processes and one process with the same global batch give the same GRPO
-loss and gradients (the loop all-reduces gradients and normalises by the global token
-count), and `accelerate launch --num_processes 2` runs the recipe."""
+"""Two CPU processes and one process with the same global batch give the same GRPO loss
+and gradients, with the gradients reduced by torch's engines (DDP's reducer, FSDP2's
+reduce-scatter) through the loop's Runner, the loss normalised by the global count;
+sampling seeded per prompt gives the same completions on 1 or 2 processes."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -32,80 +31,77 @@ def _setup():
     return policy, phases
 
 
-def _global_batch(policy, rows):
-    """The same sampled batch on every process, with synthetic rewards so that the
-    advantages are non-zero whatever the random tiny model writes."""
+def _sample(policy, rows, index):
+    """Completions of the prompts ``index`` of ``rows``, each seeded by its global index,
+    with synthetic rewards (fixed per global completion) so the advantages are non-zero."""
     from vlreason.algorithms import grpo_advantages
+    from vlreason.train.distributed import hash_seed
 
-    batch = policy.sample(policy.prompts(rows), seed=123)
+    batch = policy.sample(policy.prompts([rows[i] for i in index]), seed=[hash_seed(0, 0, i) for i in index])
     g = torch.Generator().manual_seed(7)
-    batch.rewards_N = torch.rand(batch.num_completions, generator=g)
+    rewards = torch.rand(len(rows) * 4, generator=g).view(len(rows), 4)
+    batch.rewards_N = rewards[index].reshape(-1)
     batch.advantages_N = grpo_advantages(batch.rewards_N, 4)
     return batch
 
 
-def _loss_and_grads(policy, phases, batch, world_size):
-    from vlreason.train.grpo import global_sum
-    from vlreason.train.loop import all_reduce_mean_grads
+def _loss_and_grads(policy, phases, batch, engine):
+    from vlreason.train.distributed import global_sum
 
     phases.normaliser = global_sum(phases._count(batch))
     total = torch.zeros(())
-    for micro in [batch.select([i]) for i in range(batch.num_completions)]:
-        loss, _ = phases.loss(micro)
+    micro = [batch.select([i]) for i in range(batch.num_completions)]
+    for k, m in enumerate(micro):
+        loss, _ = engine.forward(lambda m=m: phases.loss(m), sync=k == len(micro) - 1)
         loss.backward()
         total += loss.detach()
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    all_reduce_mean_grads(params)
-    if world_size > 1:  # each process's loss is scaled by world_size; their mean is the loss
-        dist.all_reduce(total)
-        total /= world_size
-    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
-    return total, grads
+    total = torch.tensor(global_sum(total) / (dist.get_world_size() if dist.is_initialized() else 1))
+    grads = {}
+    for n, p in policy.model.named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+    return total, grads, batch.completion_ids_NT
 
 
-def _worker(rank, world_size, port, out_path):
+def _worker(rank, world_size, port, strategy, out_path):
+    from vlreason.train.parallel import ParallelConfig, build_engine
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         policy, phases = _setup()
         rows = [phases.stream.dataset[i] for i in range(4)]
-        full = _global_batch(policy, rows)
-        groups = shard(list(range(4)), rank, world_size)
-        local = full.select([i for i in range(full.num_completions) if int(full.group_ids_N[i]) in groups])
-        loss, grads = _loss_and_grads(policy, phases, local, world_size)
-        if rank == 0:
-            torch.save({"loss": loss, "grads": grads}, out_path)
+        engine = build_engine(ParallelConfig(strategy=strategy), policy.model, policy.family,
+                              compute_dtype=torch.float32)
+        index = shard(list(range(4)), rank, world_size)
+        batch = engine.gathered(lambda: _sample(policy, rows, index))
+        loss, grads, ids = _loss_and_grads(policy, phases, batch, engine)
+        torch.save({"loss": loss, "grads": grads, "ids": ids}, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("strategy,port", [("ddp", 29533), pytest.param("fsdp2", 29534, marks=pytest.mark.slow)])
+def test_two_processes_match_one(tmp_path, strategy, port):
+    from vlreason.train.parallel import Engine
+
     policy, phases = _setup()
     rows = [phases.stream.dataset[i] for i in range(4)]
-    batch = _global_batch(policy, rows)
-    loss1, grads1 = _loss_and_grads(policy, phases, batch, 1)
+    batch = _sample(policy, rows, list(range(4)))
+    loss1, grads1, ids1 = _loss_and_grads(policy, phases, batch, Engine(policy.model))
 
-    out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(2, 29533, str(out)), nprocs=2, join=True, start_method="spawn")
-    two = torch.load(out)
+    out = tmp_path / "out"
+    mp.start_processes(_worker, args=(2, port, strategy, str(out)), nprocs=2, join=True, start_method="spawn")
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    # per-prompt seeds: the two processes drew exactly the completions one process drew
+    width = ids1.shape[1]
+    pad = policy.processor.tokenizer.pad_token_id
+    got = torch.cat([torch.nn.functional.pad(p["ids"], (0, width - p["ids"].shape[1]), value=pad) for p in parts])
+    assert torch.equal(got, ids1)
     # loss: sum over processes of local contributions = the 1-process loss
-    torch.testing.assert_close(two["loss"], loss1, atol=1e-5, rtol=1e-4)
-    assert grads1.keys() == two["grads"].keys()
-    for name in grads1:
-        torch.testing.assert_close(two["grads"][name], grads1[name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-@pytest.mark.slow
-def test_accelerate_launch_two_processes(tmp_path):
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not on PATH")
-    run = tmp_path / "run"
-    cmd = ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlreason", "train", "grpo",
-           f"output_dir={run}", "max_steps=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
-           "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # written by the main process only
-    assert (run / "final" / "model.safetensors").is_file()
+    torch.testing.assert_close(parts[0]["loss"], loss1, atol=1e-5, rtol=1e-4)
+    assert grads1.keys() == parts[0]["grads"].keys()
+    for name in grads1:  # both processes hold the same full gradient (DDP) / the same gathered one (FSDP2)
+        for part in parts:
+            torch.testing.assert_close(part["grads"][name], grads1[name], atol=1e-6, rtol=1e-4, msg=name)
