@@ -68,6 +68,7 @@ from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.chunked import chunked_entropy, chunked_full_kl, gather_logprobs
 from vlreason.rollout.forward import completion_hidden_states
@@ -183,6 +184,7 @@ def build_triplet(images: list[Image.Image], *, budget: PixelBudget, patch_size:
     return out
 
 
+@register_recipe("dvrp")
 class DVRPRecipe(Recipe):
     config_class = DVRPRecipeConfig
 

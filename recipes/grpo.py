@@ -25,6 +25,7 @@ from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
@@ -48,6 +49,7 @@ class GRPORecipeConfig(LoopConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
+@register_recipe("grpo")
 class GRPORecipe(Recipe):
     config_class = GRPORecipeConfig
 

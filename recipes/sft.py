@@ -25,6 +25,7 @@ from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.train.loop import LoopConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sft import SFTConfig, SFTPhases
@@ -42,6 +43,7 @@ class SFTRecipeConfig(LoopConfig):
     eval_rows: int = doc("Evaluate this many held-out rows at the end (0: skip).", 0)
 
 
+@register_recipe("sft")
 class SFTRecipe(Recipe):
     config_class = SFTRecipeConfig
 

@@ -68,6 +68,7 @@ from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.rewards import accuracy_reward, hard_format_and_correct
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.generate import SamplingConfig
@@ -180,6 +181,7 @@ def select_solutions(rewards: list[list[float]], solutions: list[list[str]], *, 
     return Selection(caption_rewards, solutions[best[1]][best[2]], best[1], best[2])
 
 
+@register_recipe("sophia")
 class SophiaRecipe(Recipe):
     config_class = SophiaRecipeConfig
 

@@ -102,6 +102,7 @@ from vlreason.models.loading import ModelConfig, resolve_dtype
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.prompts import decode_row_images
@@ -190,6 +191,7 @@ class VisionOPDRecipeConfig(LoopConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
+@register_recipe("vision_opd")
 class VisionOPDRecipe(Recipe):
     config_class = VisionOPDRecipeConfig
 

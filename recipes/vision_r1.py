@@ -83,6 +83,7 @@ from vlreason.models.loading import ModelConfig, trainable_parameters
 from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
@@ -188,6 +189,7 @@ class VisionR1RecipeConfig(LoopConfig):
 PhaseStep = Callable[[RolloutBatch], tuple[torch.Tensor, dict[str, Any]]]
 
 
+@register_recipe("vision_r1")
 class VisionR1Recipe(Recipe):
     config_class = VisionR1RecipeConfig
 

@@ -4,7 +4,6 @@ process group, and the command line (``vlreason train NAME`` == ``python recipes
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import random
 import shutil
@@ -17,17 +16,12 @@ import torch
 
 from vlreason.config import ConfigError, describe, doc, load_config, save_config
 from vlreason.outputs import OutputPathError, prepare_output
+from vlreason.registry import builtin_recipes, recipe_class  # noqa: F401  (recipe_class re-exported)
 from vlreason.train.checkpoint import latest_checkpoint
 
-# name -> "module:Class"; recipes never inherit from each other.
-RECIPES: dict[str, str] = {
-    "grpo": "recipes.grpo:GRPORecipe",
-    "sft": "recipes.sft:SFTRecipe",
-    "vision_r1": "recipes.vision_r1:VisionR1Recipe",
-    "vision_opd": "recipes.vision_opd:VisionOPDRecipe",
-    "dvrp": "recipes.dvrp:DVRPRecipe",
-    "sophia": "recipes.sophia:SophiaRecipe",
-}
+# The built-in recipes, name -> module: each registers itself with @register_recipe
+# (vlreason/registry.py); recipes never inherit from each other.
+RECIPES: dict[str, str] = builtin_recipes()
 
 
 @dataclass
@@ -58,13 +52,6 @@ class Recipe:
 
     def after_update(self, step: int) -> dict | None:
         return None
-
-
-def recipe_class(name: str):
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(RECIPES)}")
-    module, cls = RECIPES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def seed_everything(seed: int) -> None:

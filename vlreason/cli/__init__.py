@@ -1,7 +1,8 @@
 """The ``vlreason`` command line: one module per verb, imported only when used.
 
 Each verb module defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``. Adding a verb is one entry in ``VERBS``.
+``run(args) -> int``. Adding a verb is one entry in ``VERBS``. Recipes are not verbs:
+they register themselves (``vlreason.registry``) and run under ``vlreason train``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ import argparse
 import importlib
 import sys
 
+
+def _train_help() -> str:
+    """The built-in recipes, read by the registry without importing any of them."""
+    from vlreason.registry import builtin_recipes
+
+    names = ", ".join(sorted(builtin_recipes())) or "none found"
+    return f"train a recipe: {names}; or path/to/my_recipe.py, package.module:Class"
+
+
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("vlreason.cli.train", "train a recipe: grpo, sft, vision_r1, vision_opd, dvrp, sophia"),
+    "train": ("vlreason.cli.train", _train_help()),
     "eval": ("vlreason.cli.evaluate", "evaluate a model on a canonical dataset -> JSON report"),
     "preprocess": ("vlreason.cli.preprocess", "raw data -> canonical dataset + report.json"),
     "preview": ("vlreason.cli.preview", "draw original and image view side by side -> PNG"),
