@@ -52,10 +52,11 @@ plan() {
 if [[ "$MODE" == dry ]]; then
     bash -n benchmarks/gpu.sh
     bash -n benchmarks/gpu_check.sh
-    for f in "${TESTS[@]}" benchmarks/gpu_bench.py benchmarks/memory_plan.py; do
+    files=("${TESTS[@]}" tests/gpu/conftest.py benchmarks/gpu_bench.py benchmarks/memory_plan.py)
+    for f in "${files[@]}"; do
         [[ -f "$f" ]] || { echo "missing: $f" >&2; exit 1; }
     done
-    "$PY" - "${TESTS[@]}" benchmarks/gpu_bench.py benchmarks/memory_plan.py <<'EOF'
+    "$PY" - "${files[@]}" <<'EOF'
 import sys
 for path in sys.argv[1:]:
     compile(open(path, encoding="utf-8").read(), path, "exec")

@@ -28,7 +28,7 @@ def _run(*args: str, out: Path | None = None, timeout: int = 120) -> subprocess.
 def test_dry_run_checks_syntax_and_prints_the_plan():
     proc = _run("--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "compiled: tests/gpu/test_gpu.py, benchmarks/gpu_bench.py" in proc.stdout
+    assert "compiled: tests/gpu/test_gpu.py, tests/gpu/conftest.py, benchmarks/gpu_bench.py" in proc.stdout
     assert "bash benchmarks/gpu.sh setup" in proc.stdout
     assert "SKIP_INSTALL=1 bash benchmarks/gpu.sh --steps 1 --warmup 1 --max-new-tokens 512" in proc.stdout
     assert "dry run ok" in proc.stdout
