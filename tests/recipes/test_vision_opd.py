@@ -1,8 +1,10 @@
 """The Vision-OPD recipe: a short run (loss finite, student and EMA teacher move, metrics,
 teacher files next to the checkpoints), a frozen teacher with ``teacher.ema=0``, the
 teacher really sees the crop, loss 0 when teacher == student on the same image, rows
-without boxes, stop + ``resume=auto`` == an uninterrupted run (teacher included), and
-(slow) the student's JSD to the teacher falls over training.
+without boxes, stop + ``resume=auto`` == an uninterrupted run (teacher included), a
+bf16 teacher whose EMA accumulates in an fp32 shadow (saved as such), and (slow) the
+student's JSD to the teacher falls over training and the EMA works through an FSDP2
+(DTensor) student in a one-process gloo group.
 
 Runs go through ``vlreason.recipe_base.run_recipe`` (the CLI registry entry is added
 separately)."""
@@ -268,3 +270,41 @@ def test_student_jsd_to_the_teacher_falls(tmp_path):
     jsd = [r["jsd"] for r in _metrics(run)]
     first, last = sum(jsd[:3]) / 3, sum(jsd[-3:]) / 3
     assert last < first, jsd
+
+
+OPD_IN_GLOO = """
+import sys, torch.distributed as dist
+dist.init_process_group("gloo")
+from vlreason.cli import main
+code = main(["train", "vision_opd", *sys.argv[1:]])
+dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_teacher_ema_through_sharded_student(tmp_path, base_weights):
+    """parallel.strategy=fsdp2 in a one-process gloo group, bf16 compute: the student's
+    parameters are DTensors, the EMA reads their full tensors; the checkpoint holds the
+    fp32 shadow, which moved away from the start."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = tmp_path / "fsdp2"
+    args = [f"output_dir={run}", *FAST, "max_steps=2", "parallel.strategy=fsdp2", "model.dtype=bfloat16"]
+    proc = subprocess.run([sys.executable, "-c", OPD_IN_GLOO, *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "parallel: fsdp2 on 1 processes" in proc.stdout
+    teacher = load_file(str(run / "checkpoints" / "step-2" / TEACHER_FILE))
+    assert teacher and all(t.dtype == torch.float32 for t in teacher.values())
+    assert any(not torch.equal(teacher[n], base_weights[n]) for n in teacher)
+    assert all(r["teacher/distance"] > 0 for r in _metrics(run))
