@@ -3,7 +3,7 @@ bundled demo data, the starting point of the RL demos (``vlreason train grpo``).
 
     python -m data_pipelines.build_warm_model [--steps 600] [--out assets/warm-tiny]
 
-Uses the project's own SFT recipe (``recipes/sft.py``) from the seed-0 tiny model, then
+Uses the project's own SFT recipe (``vlreason train sft``, found by name) from the seed-0 tiny model, then
 evaluates greedily on the demo eval split and writes the figures into the
 checkpoint's README. A few CPU minutes.
 """
@@ -28,13 +28,16 @@ SFT_OVERRIDES = [
 
 
 def build(out: Path, steps: int) -> dict:
-    from recipes.sft import SFTRecipe
+    # The recipe by name, through the registry: data_pipelines never imports recipes/
+    # (tests/test_layers.py).
     from vlreason.recipe_base import run_recipe
+    from vlreason.registry import recipe_class
 
+    sft = recipe_class("sft")
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*SFT_OVERRIDES, f"output_dir={tmp}/run", f"max_steps={steps}"]
-        load_config(SFTRecipe.config_class, None, overrides)  # fail fast on a bad override
-        run_recipe(SFTRecipe, None, overrides)
+        load_config(sft.config_class, None, overrides)  # fail fast on a bad override
+        run_recipe(sft, None, overrides)
         summary = json.loads((Path(tmp) / "run" / "eval.json").read_text())
         if out.exists():
             shutil.rmtree(out)

