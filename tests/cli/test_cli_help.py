@@ -1,4 +1,5 @@
-"""`vlreason --help` lists the verbs of DESIGN.md, and each verb has --help."""
+"""`vlreason --help` lists the verbs of DESIGN.md and the built-in recipes (from the
+registry, without importing them), and each verb has --help."""
 
 from __future__ import annotations
 
@@ -35,3 +36,30 @@ def test_recipe_script_equals_cli_verb():
     verb = subprocess.run([sys.executable, "-m", "vlreason", "train", "grpo", "--show-config"],
                           capture_output=True, text=True, check=True).stdout
     assert script == verb and "rollout.num_generations = 8" in script
+
+
+def test_top_level_help_lists_builtin_recipes_without_importing_them():
+    # `vlreason --help` stays fast: the registry reads the recipes' decorator lines,
+    # so neither torch nor any recipe module is imported to list them.
+    code = (
+        "import sys\n"
+        "from vlreason.cli import build_parser\n"
+        "print(build_parser().format_help())\n"
+        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'recipes')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    from vlreason.registry import builtin_recipes
+
+    names = sorted(builtin_recipes())
+    assert names == ["dvrp", "grpo", "sft", "sophia", "vision_opd", "vision_r1"]
+    assert "train a recipe: " + ", ".join(names) in " ".join(out.split())
+    assert "path/to/my_recipe.py" in out
+    assert "IMPORTED []" in out
+
+
+def test_train_help_names_every_form_of_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "recipe to run: dvrp, grpo, sft, sophia, vision_opd, vision_r1" in out
+    assert "or path/to/my_recipe.py or package.module:Class" in out
