@@ -123,6 +123,15 @@ def test_a_name_is_registered_once():
         register_recipe("has space")
 
 
+def test_a_builtin_name_belongs_to_its_file(tmp_path):
+    path = write(tmp_path, "my_grpo", "from vlreason.registry import register_recipe\n\n@register_recipe('grpo')"
+                 + RECIPE_BODY.format(cls="Impostor"))
+    with pytest.raises(RecipeError, match="'grpo' is taken by the built-in recipe recipes.grpo"):
+        recipe_class(str(path))
+    builtin = Path(registry.__file__).parents[1] / "recipes" / "grpo.py"
+    assert recipe_class(str(builtin)).__name__ == "GRPORecipe"  # its own file, by path: the same recipe
+
+
 def test_the_same_file_under_two_module_names_is_one_recipe(tmp_path):
     text = "from vlreason.registry import register_recipe\n\n@register_recipe('twice')" + RECIPE_BODY.format(cls="Twice")
     path = write(tmp_path, "twice_recipe", text)
