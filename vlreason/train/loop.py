@@ -165,10 +165,6 @@ class Trainer:
         self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)
         if self.strategy == "fsdp2" and getattr(policy, "reference", None) is not None:
             policy.reference_run = build_engine(par, policy.reference, family, compute_dtype=self.compute_dtype).forward
-        local, total = self.engine.local_numel()
-        if self.is_main and self.strategy != "none":
-            print(f"parallel: {self.strategy} on {self.world_size} processes; this process holds "
-                  f"{local:,} of {total:,} trainable elements ({local / max(total, 1):.1%})", flush=True)
 
     # ---- checkpoints -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -225,11 +221,14 @@ class Trainer:
         model = self.recipe.model
         model.train()
         stopped_by_signal = False
+        first_step = self.step
         try:
             with GracefulStop() as stop, self.checkpoint_on_error():
                 while self.step < self.cfg.max_steps:
                     timer.reset()
                     metrics = self.train_step(timer)
+                    if self.step == first_step + 1 and self.strategy != "none":  # optimizer state exists now
+                        print(self.engine.shard_report(self.optimizer), flush=True)
                     metrics_log.log(self.step, metrics)
                     bar.update(1)
                     bar.set_postfix_str(format_postfix(metrics))
