@@ -134,7 +134,7 @@ class DDPEngine(Engine):
 
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         self.runner = DistributedDataParallel(Runner(model), device_ids=ids, find_unused_parameters=True,
-                                              broadcast_buffers=False)
+                                              forward_sync_buffers=False)
 
     def forward(self, fn: Callable[[], Any], *, sync: bool = True) -> Any:
         with contextlib.nullcontext() if sync else self.runner.no_sync():
