@@ -38,7 +38,7 @@ import torch
 from vlreason.config import doc, to_dict
 from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vlreason.train.distributed import all_agree, reduce_metrics, world
-from vlreason.train.memory import log_memory_plan
+from vlreason.train.memory import format_plan, log_memory_plan
 from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
 from vlreason.train.parallel import (
     ParallelConfig,
@@ -156,11 +156,12 @@ class Trainer:
         self.compute_dtype = policy.compute_dtype if policy is not None else torch.float32
         par = self.cfg.parallel
         self.strategy = resolve_strategy(par.strategy, self.world_size)
-        if self.is_main:
-            log_memory_plan(self.recipe.model, strategy=self.strategy, world_size=self.world_size,
+        if self.is_main:  # the same on every process
+            plan = log_memory_plan(self.recipe.model, strategy=self.strategy, world_size=self.world_size,
                             compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
                             cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
                             device=next(self.recipe.model.parameters()).device)
+            print(format_plan(plan), flush=True)
         family = getattr(policy, "family", None)
         self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)
         if self.strategy == "fsdp2" and getattr(policy, "reference", None) is not None:
