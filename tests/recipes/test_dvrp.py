@@ -19,6 +19,7 @@ from vlreason.paths import warm_model
 from vlreason.recipe_base import run_recipe
 from vlreason.rollout.chunked import chunked_full_kl
 from vlreason.rollout.forward import pixel_rows
+from vlreason.rollout.views_forward import view_token_terms
 from vlreason.train.metrics import StepTimer
 from vlreason.views.noise import noise_pixel_values
 from vlreason.views.triplet import NOISE_VIEW, view_seed
@@ -112,6 +113,17 @@ def test_zero_visual_weights_give_the_grpo_loss_and_full_divergence_runs(tmp_pat
     loss_full.backward()  # gradient through all three views, pi_orig included
     head = recipe.policy.family.lm_head(recipe.model).weight
     assert head.grad is not None and torch.isfinite(head.grad).all()
+    # sampled mode: detach_orig only removes pi_orig's (score-function) gradient, never the value
+    views = {name: micro[0].extras[f"{name}_prompts"] for name in ("masked", "noised")}
+    kl, grad = {}, {}
+    for detach in (False, True):
+        recipe.model.zero_grad(set_to_none=True)
+        terms = view_token_terms(recipe.model, recipe.policy.family, micro[0], views, divergence="sampled",
+                                 detach_orig=detach, temperature=recipe.policy.sampling_temperature)
+        terms.kl_NT["masked"].sum().backward()
+        kl[detach], grad[detach] = terms.kl_NT["masked"].detach(), head.grad.clone()
+    torch.testing.assert_close(kl[False], kl[True])
+    assert not torch.allclose(grad[False], grad[True])
     recipe.cleanup()
 
 
