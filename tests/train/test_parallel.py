@@ -7,7 +7,8 @@ with the weights of an uninterrupted run.
 ``accelerate launch --cpu --num_processes 2`` starts one process here (accelerate's
 CPU launcher needs mpirun for more), so the runs use ``--multi_gpu``, which starts the
 two processes through torch.distributed.run; on a CPU-only machine they join a gloo
-group and run on the CPU.
+group and run on the CPU. The FSDP2 run also recomputes activations (gradient
+checkpointing inside the sharded units).
 
 Tolerance: every final tensor within 1e-5 absolute (+1e-4 relative) of the one-process
 run; the updates themselves are ~1e-3 per element (4 AdamW steps at lr 1e-3), so a
@@ -90,7 +91,9 @@ def test_ddp_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path, capsy
         _show(one, "1 process")
         for strategy, port in (("ddp", 29651), ("fsdp2", 29652)):
             run = tmp_path / strategy
-            stdout = _launch(run, f"parallel.strategy={strategy}", processes=2, port=port)
+            # fsdp2 with activation checkpointing: recomputation inside the sharded units
+            extra = ["model.gradient_checkpointing=true"] if strategy == "fsdp2" else []
+            stdout = _launch(run, f"parallel.strategy={strategy}", *extra, processes=2, port=port)
             report[strategy] = re.findall(r"rank \d \(\w+\): .*", stdout)
             _show(run, f"2 processes {strategy}")
             worst = _assert_same_weights(reference, _final(run), strategy)
@@ -113,3 +116,20 @@ def test_ddp_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path, capsy
         steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == [3, 4]
         _assert_same_weights(reference, _final(run), f"{source} checkpoint resumed on {processes}")
+
+
+def test_strategy_choice_and_validation(monkeypatch):
+    from vlreason.train import parallel
+    from vlreason.train.parallel import ParallelConfig, aligned_micro_batches, resolve_strategy
+
+    assert resolve_strategy("auto", 1) == "none" and resolve_strategy("auto", 4) == "ddp"
+    assert resolve_strategy("fsdp2", 2) == "fsdp2"
+    with pytest.raises(ValueError, match="diverging copies"):
+        resolve_strategy("none", 2)
+    with pytest.raises(ValueError, match="parallel.strategy"):
+        ParallelConfig(strategy="fsdp").validate()
+    with pytest.raises(ValueError, match="cpu_offload"):
+        ParallelConfig(strategy="ddp", cpu_offload=True).validate()
+    # a process with fewer micro-batches than another repeats its last one at weight 0
+    monkeypatch.setattr(parallel, "global_max", lambda value: 3)
+    assert aligned_micro_batches(["a", "b"]) == [("a", 1.0), ("b", 1.0), ("b", 0.0)]

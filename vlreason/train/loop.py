@@ -157,10 +157,11 @@ class Trainer:
         par = self.cfg.parallel
         self.strategy = resolve_strategy(par.strategy, self.world_size)
         if self.is_main:  # the same on every process
-            plan = log_memory_plan(self.recipe.model, strategy=self.strategy, world_size=self.world_size,
-                            compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
-                            cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
-                            device=next(self.recipe.model.parameters()).device)
+            plan = log_memory_plan(
+                self.recipe.model, strategy=self.strategy, world_size=self.world_size,
+                compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
+                cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
+                device=next(self.recipe.model.parameters()).device)
             print(format_plan(plan), flush=True)
         family = getattr(policy, "family", None)
         self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)

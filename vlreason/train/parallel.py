@@ -155,6 +155,9 @@ class FSDP2Engine(Engine):
             fully_shard,
         )
 
+        if cpu_offload and device.type != "cuda":
+            raise ValueError("parallel.cpu_offload moves shards from the GPU to host memory; this model "
+                             f"is on {device.type}, where the shards already are in host memory")
         mesh = init_device_mesh(device.type, (world()[1],))
         low = compute_dtype if compute_dtype != torch.float32 else None
         kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32),
