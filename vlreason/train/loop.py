@@ -123,7 +123,9 @@ class Trainer:
                  lr_lambda: Callable[[int], float] | None = None):
         """``lr_lambda(step)`` replaces the warm-up + cosine/constant schedule of
         ``cfg.optim`` (a multiplier of ``cfg.optim.lr`` as a function of the global step),
-        for recipes whose phases need their own rates."""
+        for recipes whose phases need their own rates. ``save_final(dir)`` writes
+        ``final/``; it runs on every process (sharded weights are gathered) and process 0
+        writes (``Policy.save_pretrained`` does both)."""
         self.cfg = cfg
         self.recipe = recipe
         self.full_config = full_config
