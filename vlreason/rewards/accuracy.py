@@ -15,7 +15,7 @@ Comparison, first rule that applies wins:
    with the matching text. Anything else scores 0.
 2. **Normalised text**: equal after lower-casing, collapsing whitespace and stripping
    surrounding quotes and a trailing period (``" Red. "`` == ``"red"``).
-3. **Numbers**: both sides plain numbers -> exact rational comparison
+3. **Numbers**: both sides plain numbers -> exact decimal comparison
    (``3 == 3.0 == 3. == +3``, ``1,000 == 1000`` for well-formed thousands separators,
    number words ``zero`` .. ``twenty``). Two different plain numbers score 0 immediately.
 4. **Math** (ground truth contains a digit, a backslash or one of ``^ = + * /``):
@@ -45,9 +45,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any, TypeVar
 
+from vlreason.rewards import power_guard
 from vlreason.rewards.format import extract_answer
 
 __all__ = ["MAX_MATH_CHARS", "accuracy_reward", "answers_match", "call_with_timeout", "math_equal"]
@@ -91,11 +91,16 @@ def _norm_text(text: str) -> str:
     return text.strip()
 
 
-def _parse_number(text: str) -> Fraction | None:
-    """Exact value of a plain number ("3", "3.0", "3.", "-1,234.5", "three"), else None."""
+def _parse_number(text: str) -> Decimal | None:
+    """Exact value of a plain number ("3", "3.0", "3.", "-1,234.5", "three"), else None.
+
+    A ``Decimal`` holds a plain decimal number exactly and compares exactly (``3 == 3.0``);
+    unlike a ``Fraction`` it is built in linear time (``Fraction(Decimal(s))`` of a
+    400,000-digit answer took 15 s).
+    """
     t = text.strip().replace("\u2212", "-").strip("$").strip()
     if t.lower() in _NUMBER_WORDS:
-        return Fraction(_NUMBER_WORDS[t.lower()])
+        return Decimal(_NUMBER_WORDS[t.lower()])
     if t.endswith(".") and t[:-1].endswith("."):  # "3.." is not a number
         return None
     if _THOUSANDS.fullmatch(t):
@@ -106,7 +111,7 @@ def _parse_number(text: str) -> Fraction | None:
         else:
             return None
     try:
-        return Fraction(Decimal(t))
+        return Decimal(t)
     except (InvalidOperation, ValueError):
         return None
 
@@ -240,9 +245,14 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | 
 
 
 def _mv_equal(pred_latex: str, gt_latex: str, free_text: bool = False) -> bool:
-    """math_verify parse + verify with its own (signal-based) timeouts disabled."""
+    """math_verify parse + verify with its own (signal-based) timeouts disabled, and
+    huge exact powers refused (:mod:`vlreason.rewards.power_guard`: no timer can stop
+    sympy computing ``10 ** 10**10``)."""
     try:
-        return _mv_equal_unguarded(pred_latex, gt_latex, free_text)
+        with power_guard.guarded():
+            return _mv_equal_unguarded(pred_latex, gt_latex, free_text)
+    except power_guard.TooLarge:
+        return False
     except Exception:  # a checker error is a non-match, never a crashed training step
         return False
 
