@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.report import PreprocessError, RawRow, Rejection
@@ -162,6 +163,12 @@ def read_jsonl(path: Path) -> Iterator[RawRow | Rejection]:
             except UnicodeDecodeError:
                 yield Rejection(line_no, None, None, INVALID_JSON, "the line is not UTF-8 text")
                 continue
+            except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+                yield Rejection(line_no, None, None, INVALID_JSON, str(err)[:200])
+                continue
+            except RecursionError:
+                yield Rejection(line_no, None, None, INVALID_JSON, "nested too deeply")
+                continue
             if isinstance(fields, dict):
                 yield RawRow(line_no, fields)
             else:
@@ -214,8 +221,19 @@ def _parquet_batches(path: Path) -> tuple[list[str], int, Iterator[list[dict]]]:
         opened = [pq.ParquetFile(f) for f in files]
     except Exception as err:  # pyarrow raises several types for a non-parquet file
         raise PreprocessError(f"cannot read parquet {path}: {err}") from err
-    batches = (b.to_pylist() for f in opened for b in f.iter_batches(batch_size=_BATCH_ROWS))
+    batches = _checked_batches(
+        path, (b.to_pylist() for f in opened for b in f.iter_batches(batch_size=_BATCH_ROWS))
+    )
     return opened[0].schema_arrow.names, sum(f.metadata.num_rows for f in opened), batches
+
+
+def _checked_batches(path: Path, batches: Iterator[list[dict]]) -> Iterator[list[dict]]:
+    """``batches``, with a read error in the middle of a file (a corrupt page) turned into
+    a PreprocessError: no output is published for a source that cannot be read whole."""
+    try:
+        yield from batches
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise PreprocessError(f"cannot read parquet {path}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- folder
