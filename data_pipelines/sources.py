@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".
 
 # Rejection reasons given while reading.
 INVALID_JSON = "invalid JSON"
+INVALID_CSV = "invalid CSV"
 NO_LABEL = "image without label"
 
 _CSV_JSON_COLUMNS = ("choices", "options", "boxes", "meta")
@@ -288,7 +289,10 @@ def _file_as_image(raw: RawRow) -> RawRow:
 def _read_labels_csv(path: Path) -> Iterator[RawRow | Rejection]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        for row in reader:
+        for row in _csv_rows(reader):
+            if isinstance(row, Rejection):
+                yield row
+                continue
             fields: dict[str, Any] = {k: v for k, v in row.items() if k and v not in (None, "")}
             try:
                 for column in _CSV_JSON_COLUMNS:
@@ -304,6 +308,21 @@ def _read_labels_csv(path: Path) -> Iterator[RawRow | Rejection]:
                 )
                 continue
             yield RawRow(reader.line_num, fields)
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[dict[str, Any] | Rejection]:
+    """The rows of ``reader``; a row csv cannot parse (e.g. a cell over its field size
+    limit) becomes a Rejection and reading goes on with the next line."""
+    while True:
+        before = reader.line_num
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield Rejection(reader.line_num, None, None, INVALID_CSV, str(err)[:200])
+            if reader.line_num == before:  # no progress: stop rather than loop
+                return
 
 
 def _read_labels_json(path: Path) -> Iterator[RawRow | Rejection]:

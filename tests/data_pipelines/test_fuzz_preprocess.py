@@ -279,3 +279,27 @@ def test_bit_flipped_parquet_file_fails_cleanly_or_accounts_for_rows(flips):
             assert not (Path(tmp) / "out").exists()  # nothing half-written is published
             return
         _check_accounting(Path(tmp) / "out", pq.ParquetFile(source).metadata.num_rows)
+
+
+# --------------------------------------------------------------------------- folder + CSV
+
+
+def test_hostile_csv_labels_are_all_accounted_for(tmp_path):
+    """A cell over csv's field size limit (it raised csv.Error out of preprocess), a bad
+    JSON cell, a NUL byte, a surrogate escape: each row kept or rejected, none lost."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes(PNG)
+    lines = [
+        "file,answer,question,choices",
+        "a.png," + "x" * 200_000 + ",q,",
+        "a.png,ok,q,[not json",
+        "a.png,ok,q\x00,",
+        'a.png,ok,"\\ud800",',
+        "a.png,good,q,",
+    ]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    preprocess(root, tmp_path / "out", fmt="folder", progress=False)
+    report = _check_accounting(tmp_path / "out", len(lines) - 1)
+    assert report["kept"] >= 1
+    assert "invalid CSV" in report["rejected_by_reason"]
