@@ -20,12 +20,16 @@ math-verify (answers over 1000 characters now skip it), a 400,000-digit number t
 to become a Fraction (now a Decimal), ``1e999`` box coordinates reached the IoU arithmetic
 as ``inf``, and -- worst -- sympy computed ``10 ** 10**10`` and ``(10^{10})!`` exactly in C
 calls that hold the GIL, so neither the SIGALRM limit nor the worker-thread limit could
-stop them (a call that never returned; vlreason.rewards.power_guard now refuses them).
+stop them (a call that never returned; vlreason.rewards.power_guard now refuses them);
+and the first math check of a process imported sympy under the time limit, so a timeout
+there broke every later check (now imported untimed, once).
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +84,7 @@ HOSTILE = {
     "overflowing box": _wrap("[1e999, 0, 1e999, 5]"),
     "box spanning all floats": _wrap("[-1e308, -1e308, 1e308, 1e308]"),
     "100k open boxed": "\\boxed{" * 100_000,
-    "50k unclosed answer tags": "<answer>" * 50_000,
+    "20k unclosed answer tags": "<answer>" * 20_000,
 }
 
 
@@ -146,6 +150,23 @@ def test_time_limit_holds_off_the_main_thread(answer):
 )
 def test_guard_keeps_ordinary_powers_and_factorials(answer, ground_truth):
     assert REWARDS["accuracy"](_wrap(answer), ground_truth) == 1.0
+
+
+def test_a_timeout_during_the_first_check_does_not_break_later_checks():
+    """In a fresh interpreter the first math check used to import sympy under the time
+    limit; an alarm inside that import left sympy half-initialised and every later math
+    answer scored 0 (``2^{10}`` vs ``1024`` included). The imports now happen untimed."""
+    code = (
+        "from vlreason.rewards import REWARDS\n"
+        "hostile = '<think>x</think><answer>10^10^10^10</answer>'\n"
+        "for name in REWARDS:\n"
+        "    REWARDS[name](hostile, '10^{10^{10}}', timeout_s=0.3)\n"
+        "print(REWARDS['accuracy']('<think>x</think><answer>2^{10}</answer>', '1024'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "1.0", done.stdout + done.stderr
 
 
 FRAGMENTS = [

@@ -276,11 +276,38 @@ def _mv_equal_unguarded(pred_latex: str, gt_latex: str, free_text: bool) -> bool
     return bool(math_verify.verify(gold, target, timeout_seconds=None))
 
 
+_warm = False
+_warm_lock = threading.Lock()
+
+
+def _warm_up() -> None:
+    """Import math-verify and sympy and run two small checks once, outside any time limit.
+
+    The first check otherwise imports them under the limit: a SIGALRM that lands inside an
+    import leaves half-initialised modules behind, and every later check then fails, so
+    every later math answer silently scored 0 (seen with a 0.3 s limit on a loaded machine).
+    """
+    global _warm
+    if _warm:
+        return
+    with _warm_lock:
+        if _warm:
+            return
+        for pred, gt in (("$3$", "$3.0$"), ("$\\frac{1}{2} + x^2$", "$x^{2} + 0.5$")):
+            try:
+                with power_guard.guarded():
+                    _mv_equal_unguarded(pred, gt, False)
+            except Exception:  # a broken checker shows up in the real calls
+                pass
+        _warm = True
+
+
 def math_equal(pred: str, ground_truth: str, *, timeout_s: float = 5.0) -> bool:
     """math-verify equivalence of two answers read as LaTeX, within ``timeout_s`` (else
     False); False without calling math-verify when a side exceeds :data:`MAX_MATH_CHARS`."""
     if len(pred) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
         return False
+    _warm_up()
     finished, result = call_with_timeout(
         lambda: _mv_equal(_as_latex(pred), _as_latex(ground_truth)), timeout_s
     )
@@ -366,6 +393,7 @@ def accuracy_reward(
     gt = str(ground_truth).strip()
     if gt and _MATHY.search(gt) and _choice_letter(gt, _as_choices(choices)) is None:
         text = _ANY_TAG.sub(" ", completion[-MAX_LENIENT_CHARS:])
+        _warm_up()
         finished, result = call_with_timeout(
             lambda: _mv_equal(text, _as_latex(gt), free_text=True), timeout_s
         )
