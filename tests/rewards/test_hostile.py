@@ -5,9 +5,10 @@ Bounds asserted per reward call (see ``_score``):
 
 - wall clock: at most ``timeout_s + SLACK_S`` seconds, where ``timeout_s`` is the
   math-verify time limit passed through ``info`` (the registry rewards take it as
-  ``**info``) and ``SLACK_S = 3`` s covers everything outside math-verify on a loaded
+  ``**info``) and ``SLACK_S = 4`` s covers everything outside math-verify on a loaded
   2-core machine (regexes over a megabyte, interpreter signal latency). The default limit
-  (5 s) is checked once on the slowest known answer, ``10^10^10^10``.
+  (5 s) is checked once on the slowest known answer, ``10^10^10^10``. The one-time
+  import of math-verify and sympy (untimed, seconds) happens before, in a fixture.
 - memory: tracemalloc peak (Python allocations only; sympy's own C memory is not seen)
   at most ``BASE_BYTES + PER_CHAR_BYTES * len(completion)`` = 32 MiB + 16 bytes per
   character (a str takes up to 4 bytes a character, and a few copies are made: strip,
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 
 from vlreason.rewards import REWARDS
 
-SLACK_S = 3.0
+SLACK_S = 4.0
 FAST_TIMEOUT_S = 0.3  # math-verify limit used by the many-case tests below
 BASE_BYTES = 32 * 2**20
 PER_CHAR_BYTES = 16
@@ -108,6 +109,16 @@ def _score(name: str, completion: str, ground_truth: str, timeout_s: float, **in
     return value
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _math_verify_imported():
+    """The first math check of a process imports math-verify and sympy once, untimed (see
+    test_a_timeout_during_the_first_check_does_not_break_later_checks); the per-call
+    bounds below are for every call after that."""
+    from vlreason.rewards import accuracy
+
+    accuracy._warm_up()
+
+
 def test_registry_holds_the_rewards_under_test():
     assert {"format", "accuracy", "iou", "vision_r1", "format_accuracy"} <= set(REWARDS)
 
@@ -117,7 +128,9 @@ def test_hostile_completion_is_scored_finite_fast_and_small(case):
     completion = HOSTILE[case]
     for name in REWARDS:
         for ground_truth in CASE_GROUND_TRUTHS:
-            for lenient in (False, True):
+            # lenient (free-text fallback) is a path of accuracy and iou themselves; the
+            # combined rewards reach it through accuracy (and the random test covers both)
+            for lenient in (False, True) if name in ("accuracy", "iou") else (False,):
                 _score(name, completion, ground_truth, FAST_TIMEOUT_S, lenient=lenient)
 
 
@@ -214,3 +227,5 @@ def test_random_hostile_completions(completion, ground_truth, choices, truncated
             truncated=truncated,
             lenient=lenient,
         )
+    # and the checker still works afterwards (no state left broken by an interrupted call)
+    assert REWARDS["accuracy"](_wrap("2^{10}"), "1024", timeout_s=5.0) == 1.0
