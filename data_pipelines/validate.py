@@ -161,7 +161,13 @@ def _check_placeholders(question: str, num_images: int) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that fits a float (``math.isfinite(10**400)`` raises)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _boxes(value: Any) -> list[list[float]]:

@@ -14,7 +14,9 @@ Found and fixed with these tests (data_pipelines/, vlreason/data/images.py): a J
 with a huge integer or deep nesting raised out of the reader; lone surrogates reached
 the Arrow writer and report.json; an image dict whose ``bytes`` held a string was read as
 a file path; NUL bytes and over-long names in image paths raised from ``Path``; an
-unreadable page in the middle of a parquet file raised a pyarrow error.
+unreadable page in the middle of a parquet file raised a pyarrow error; a box holding an
+integer too large for a float raised OverflowError; a labels.csv cell over csv's field
+size limit raised csv.Error.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ _hostile_text = st.sampled_from(
 @st.composite
 def jsonl_lines(draw) -> str:
     """One JSONL line: a good row with some fields replaced, or raw junk."""
-    kind = draw(st.sampled_from(["row", "row", "row", "junk", "value", "deep", "bigint"]))
+    kind = draw(st.sampled_from(["row", "row", "row", "junk", "value", "deep", "bigint", "bigbox"]))
     if kind == "junk":
         return draw(st.sampled_from(["{", "[1, 2", "nul\x00l", "{'a': 1}", "\ud800"]) | st.text(max_size=40))
     if kind == "value":
@@ -149,6 +151,8 @@ def jsonl_lines(draw) -> str:
         return "[" * 100_000 + "]" * 100_000
     if kind == "bigint":
         return '{"id": ' + "9" * 5000 + ', "image": "imgs/good.png", "question": "q", "answer": "a"}'
+    if kind == "bigbox":  # parses (under 4300 digits) but overflows a float
+        return json.dumps(dict(_GOOD, boxes=[0, 0, 10**400, 5]))
     row = dict(_GOOD)
     for key in draw(st.lists(st.sampled_from(list(_GOOD) + ["id", "boxes", "choices", "meta",
                                                           "solution", "problem", "images"]),
@@ -196,6 +200,16 @@ def test_fuzzed_jsonl_rows_are_all_accounted_for(lines, fuzz):
         total = _write_lines(root / "rows.jsonl", lines)
         preprocess(root / "rows.jsonl", Path(tmp) / "out", progress=False)
         _check_accounting(Path(tmp) / "out", total)
+
+
+def test_box_with_an_integer_too_large_for_a_float_is_rejected(tmp_path):
+    """``math.isfinite(10**400)`` raised OverflowError out of the row checks."""
+    root = tmp_path / "data"
+    _image_folder(root, PNG)
+    total = _write_lines(root / "rows.jsonl", [json.dumps(dict(_GOOD, boxes=[0, 0, 10**400, 5]))])
+    preprocess(root / "rows.jsonl", tmp_path / "out", progress=False)
+    report = _check_accounting(tmp_path / "out", total)
+    assert report["rejected_by_reason"] == {"box not 4 numbers": 1}
 
 
 def test_bomb_and_wide_rows_are_reported_with_their_reason(tmp_path):
