@@ -12,14 +12,19 @@ chat-completions server, or a ``module:factory`` of your own). One step:
    ``sophia.caption_prompt``, a prompt that does NOT show the question or its choices;
 2. reasoning (``time/reasoner``): for each caption the reasoner writes
    ``sophia.num_solutions`` (N) solutions from ``sophia.solution_template`` (caption +
-   question + choices);
+   question + choices; ``<image>`` markers removed), each normalised to the target
+   ``<think>...</think><answer>...</answer>`` format (``vlreason.reasoners.normalise_solution``:
+   QwQ-32B / R1 templates open ``<think>`` in the prompt, so the text only closes it);
 3. rewards: R(y) in {0, 1} (``sophia.reward``: ``accuracy``, the ``<answer>`` block must
    match the row's answer; or ``hard``, strict ``<think></think><answer></answer>`` format
    AND correct); the caption reward R(c) = mean of R(y) over its N solutions;
 4. selection (:func:`select_solutions`): a solution is kept only if R(c) >
-   ``sophia.threshold`` (0.75), it is correct, and it is the shortest such solution
-   (policy tokenizer tokens; ties: first caption, then first solution) of its row: at
-   most one kept solution per row;
+   ``sophia.threshold`` (0.75), it is correct, it has the strict format (an answer-only
+   solution is scored but never kept: ``sophia/kept_malformed``), it fits
+   ``sophia.max_target_tokens`` whole (longer ones are rejected, never cut:
+   ``sophia/kept_too_long``), and it is the shortest such solution (policy tokenizer
+   tokens; ties: first caption, then first solution) of its row: at most one kept
+   solution per row;
 5. update (``time/update``): off-policy policy gradient on the ORIGINAL (image, question)
    prompt -> kept solution with importance ratio 1, no clipping, no KL, advantage 1
    (``vlreason.algorithms.policy_gradient_loss``), i.e. the supervised NLL of the kept
@@ -41,7 +46,9 @@ gradients, so weight decay still applies there).
 Logged: ``loss``, ``nll``, ``sophia/kept_rows`` (rows with a kept solution this step),
 ``sophia/kept_frac``, ``sophia/kept_rows_total``, ``sophia/caption_reward`` (mean R(c)),
 ``sophia/captions_above_threshold``, ``sophia/solution_acc`` (mean R(y)),
-``sophia/kept_tokens``, ``caption_len``, ``data/skipped_rows``, ``time/*``.
+``sophia/kept_tokens``, ``sophia/kept_too_long``, ``sophia/kept_malformed``,
+``sophia/solution_format`` (fraction of solutions in the strict format), ``caption_len``,
+``data/skipped_rows``, ``time/*``.
 
 Embedded default: the warm tiny VLM (assets/warm-tiny) and, as reasoner, a tiny RANDOM
 text LM built offline into the vlreason cache: its solutions are noise and almost never
