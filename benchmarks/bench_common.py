@@ -247,6 +247,35 @@ def step_record(seconds: float, phases: dict[str, float], vision: dict, processo
             "image_processor": processor, **extra}
 
 
+class SideProbes:
+    """What one side's steps are measured with: its vision-tower and image-processor counters
+    and an RSS sampler (``sampler.start()`` before the first step)."""
+
+    def __init__(self, policy_models: list, reference_models: list, image_processor):
+        self.vision = VisionCounter(policy_models, reference_models)
+        self.images = ImageProcessorCounter(image_processor)
+        self.sampler = RssSampler()
+
+    def clear(self) -> None:
+        """Forget what was counted so far (before a step)."""
+        self.vision.reset()
+        self.images.pop()
+
+    def record(self, seconds: float, phases: dict[str, float], extra: dict) -> dict:
+        """The step just timed, with what it encoded and preprocessed (the counters restart)."""
+        return step_record(seconds, phases, self.vision.pop(), self.images.pop(), extra)
+
+
+def side_result(records: list[dict], rss_after_imports: int, rss_before_steps: int, rss_peak_steps: int,
+                max_rss: int, profile: dict | None) -> dict[str, Any]:
+    """What a side's child hands back (``vs_trl.child_main`` summarises it)."""
+    out = {"records": records, "rss_after_imports": rss_after_imports, "rss_before_steps": rss_before_steps,
+           "rss_peak_steps": rss_peak_steps, "max_rss": max_rss}
+    if profile is not None:
+        out["profile"] = profile
+    return out
+
+
 def summarise(records: list[dict], warmup: int) -> dict[str, Any]:
     measured = records[warmup:] or records
     phases = sorted({k for r in measured for k in r["phases_s"]})

@@ -12,17 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import bench_common as common
 import torch
-from bench_common import (
-    ImageProcessorCounter,
-    RssSampler,
-    Settings,
-    StepProfiler,
-    VisionCounter,
-    color_rows,
-    max_rss_bytes,
-    step_record,
-)
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -31,11 +22,11 @@ from vlreason.rollout.prompts import decode_row_images
 from vlreason.views.budget import PixelBudget
 
 
-def trl_dataset(settings: Settings) -> Dataset:
+def trl_dataset(settings: common.Settings) -> Dataset:
     """The same images at the same pixel budget as vlreason (resized once here; the
     processor's own smart resize then leaves a budget-sized image as it is)."""
     budget = PixelBudget(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, factor=28)
-    rows = color_rows(settings)
+    rows = common.color_rows(settings)
     return Dataset.from_dict({
         "prompt": [[{"role": "user", "content": row["question"]}] for row in rows],
         "image": [budget.resize(decode_row_images(row)[0]) for row in rows],
@@ -43,7 +34,7 @@ def trl_dataset(settings: Settings) -> Dataset:
     })
 
 
-def trl_reward(settings: Settings):
+def trl_reward(settings: common.Settings):
     """vlreason's reward function in TRL's reward-function signature."""
     reward_fn = get_reward(settings.reward)
     max_tokens = settings.max_new_tokens
@@ -60,7 +51,7 @@ def trl_reward(settings: Settings):
     return vlreason_reward
 
 
-def trl_args(settings: Settings):
+def trl_args(settings: common.Settings):
     """TRL's ``GRPOConfig``: micro-batches of ``micro_prompts * G`` completions, accumulated
     over ``prompts / micro_prompts``, so one optimizer step generates ``prompts * G`` once."""
     from trl import GRPOConfig
@@ -106,9 +97,7 @@ class Probes:
     """What a step is measured with; the counters and the sampler are set once the trainer exists."""
 
     phase_times: dict[str, float] = field(default_factory=dict)
-    vision: VisionCounter | None = None
-    images: ImageProcessorCounter | None = None
-    sampler: RssSampler | None = None
+    side: common.SideProbes | None = None
     trainer: Any = None
 
 
@@ -117,29 +106,24 @@ class StepRecorder(TrainerCallback):
     completion length; after the last measured step, the RSS peaks and (with ``profile``) the
     start of one extra, profiled step."""
 
-    def __init__(self, settings: Settings, probes: Probes):
+    def __init__(self, settings: common.Settings, probes: Probes):
         self.settings = settings
         self.probes = probes
         self.last = None
-        self.times: list[float] = []
-        self.vision: list[dict] = []
-        self.processor: list[dict] = []
-        self.phases: list[dict] = []
+        self.records: list[dict] = []
         self.profiler = None
         self.profile = None
         self.rss_peak_steps = 0
         self.max_rss = 0
-        self.lengths: list[float] = []
 
     def on_train_begin(self, args, state, control, **kw):
         self.last = time.perf_counter()
-        self.probes.vision.reset()
-        self.probes.images.pop()
+        self.probes.side.clear()
         self.probes.phase_times.clear()
 
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
-        done = len(self.times)
+        done = len(self.records)
         if self.profiler is not None:  # the extra, profiled step
             self.profiler.__exit__(None, None, None)
             self.profile = self.profiler.result()
@@ -147,28 +131,20 @@ class StepRecorder(TrainerCallback):
             self.last = now
             return
         probes = self.probes
-        self.times.append(now - self.last)
-        self.vision.append(probes.vision.pop())
-        self.processor.append(probes.images.pop())
-        self.phases.append(dict(probes.phase_times))
-        probes.phase_times.clear()
         # read now: TRL's log() at the end of train() clears its metric lists
         lengths = probes.trainer._metrics["train"].get("completions/mean_length") or [float("nan")]
-        self.lengths.append(lengths[-1])
+        self.records.append(probes.side.record(now - self.last, dict(probes.phase_times),
+                                               {"completion_len": lengths[-1]}))
+        probes.phase_times.clear()
         if done + 1 == self.settings.warmup + self.settings.steps:
             self.stop_sampler()
             if self.settings.profile:
-                self.profiler = StepProfiler().__enter__()
+                self.profiler = common.StepProfiler().__enter__()
         self.last = time.perf_counter()
 
     def stop_sampler(self) -> None:
-        self.rss_peak_steps = self.probes.sampler.stop()
-        self.max_rss = max_rss_bytes()
-
-    def records(self) -> list[dict]:
-        return [step_record(seconds, self.phases[i], self.vision[i], self.processor[i],
-                            {"completion_len": self.lengths[i]})
-                for i, seconds in enumerate(self.times)]
+        self.rss_peak_steps = self.probes.side.sampler.stop()
+        self.max_rss = common.max_rss_bytes()
 
 
 def time_phases(trainer, phase_times: dict[str, float]) -> None:
@@ -193,10 +169,10 @@ def time_phases(trainer, phase_times: dict[str, float]) -> None:
         lambda: None if torch.is_grad_enabled() else "reference", trainer._get_per_token_logps_and_entropies)
 
 
-def run_trl(settings: Settings) -> dict[str, Any]:
+def run_trl(settings: common.Settings) -> dict[str, Any]:
     from trl import GRPOTrainer
 
-    rss_imports = RssSampler().current()
+    rss_imports = common.RssSampler().current()
     torch.manual_seed(settings.seed)
     dataset = trl_dataset(settings)
     probes = Probes()
@@ -207,16 +183,10 @@ def run_trl(settings: Settings) -> dict[str, Any]:
     time_phases(trainer, probes.phase_times)
 
     refs = [trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else []
-    probes.vision = VisionCounter([trainer.model], refs)
-    probes.images = ImageProcessorCounter(trainer.processing_class.image_processor)
-    probes.sampler = RssSampler()
-    rss_before = probes.sampler.start()
+    probes.side = common.SideProbes([trainer.model], refs, trainer.processing_class.image_processor)
+    rss_before = probes.side.sampler.start()
     trainer.train()
     if not steps.rss_peak_steps:
         steps.stop_sampler()
-
-    out = {"records": steps.records(), "rss_after_imports": rss_imports, "rss_before_steps": rss_before,
-           "rss_peak_steps": steps.rss_peak_steps, "max_rss": steps.max_rss}
-    if steps.profile is not None:
-        out["profile"] = steps.profile
-    return out
+    return common.side_result(steps.records, rss_imports, rss_before, steps.rss_peak_steps, steps.max_rss,
+                              steps.profile)

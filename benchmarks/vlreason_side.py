@@ -9,15 +9,14 @@ from typing import Any
 
 import torch
 from bench_common import (
-    ImageProcessorCounter,
     PhasesRecipe,
     RssSampler,
     Settings,
+    SideProbes,
     StepProfiler,
-    VisionCounter,
     color_rows,
     max_rss_bytes,
-    step_record,
+    side_result,
 )
 
 import vlreason.data.schema  # noqa: F401  (datasets: the recipe loads its data with it)
@@ -57,30 +56,28 @@ def run_vlreason(settings: Settings) -> dict[str, Any]:
     rss_imports = RssSampler().current()
     policy, phases = build_phases(settings)
     trainer = build_trainer(settings, policy, phases)
-    vision = VisionCounter([policy.model], [policy.reference] if policy.reference is not None else [])
-    images = ImageProcessorCounter(policy.processor.image_processor)
+    refs = [policy.reference] if policy.reference is not None else []
+    probes = SideProbes([policy.model], refs, policy.processor.image_processor)
     timer = StepTimer(synchronize=False)
     policy.model.train()
 
-    sampler = RssSampler()
-    rss_before = sampler.start()
+    rss_before = probes.sampler.start()
     records = []
     for _ in range(settings.warmup + settings.steps):
-        vision.reset()
-        images.pop()
+        probes.clear()
         timer.reset()
         start = time.perf_counter()
         metrics = trainer.train_step(timer)
         seconds = time.perf_counter() - start
         phase = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
-        records.append(step_record(seconds, phase, vision.pop(), images.pop(),
-                                   {"completion_len": metrics.get("completion_len"), "loss": metrics.get("loss")}))
-    peak_steps = sampler.stop()
-    out = {"records": records, "rss_after_imports": rss_imports, "rss_before_steps": rss_before,
-           "rss_peak_steps": peak_steps, "max_rss": max_rss_bytes()}
+        records.append(probes.record(seconds, phase,
+                                     {"completion_len": metrics.get("completion_len"), "loss": metrics.get("loss")}))
+    peak_steps = probes.sampler.stop()
+    max_rss = max_rss_bytes()
+    profile = None
     if settings.profile:
         with StepProfiler() as prof:
             timer.reset()
             trainer.train_step(timer)
-        out["profile"] = prof.result()
-    return out
+        profile = prof.result()
+    return side_result(records, rss_imports, rss_before, peak_steps, max_rss, profile)
