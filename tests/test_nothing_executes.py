@@ -4,18 +4,19 @@
    ``__reduce__`` calls ``os.system``): the RNG file, ``optimizer.pt`` and
    ``scheduler.pt`` are read with ``torch.load(weights_only=True)``. The payload would
    create a marker file; each test asserts a clear error AND no marker.
-   KNOWN HOLE (xfail, strict): the sharded ``state/`` folder written by
-   ``torch.distributed.checkpoint`` -- the path the training loop uses -- is read by
-   torch's own ``FileSystemReader.read_metadata`` (``pickle.load`` of ``.metadata``) and
-   ``DefaultLoadPlanner.load_bytes`` (``torch.load(weights_only=False)`` for non-tensor
-   entries such as the optimizer's ``param_groups``): a tampered checkpoint runs code on
-   resume. Those tests fail today, on purpose; they pass once loading refuses them.
+   The sharded ``state/`` folder written by ``torch.distributed.checkpoint`` -- the path
+   the training loop uses -- is read through ``vlreason/train/safe_dcp.py``: torch's
+   own reader would ``pickle.load`` ``.metadata`` and ``torch.load(weights_only=False)``
+   non-tensor entries such as the optimizer's ``param_groups``; there ``.metadata`` is
+   unpickled with an allow-list and byte entries with ``weights_only=True``, so a
+   tampered ``state/`` is refused naming the file and the payload does not run.
 2. ``trust_remote_code`` is never switched on by the project: no call or dict literal in
    the package sets it to ``True``, and the model / processor loaders pass no
    ``trust_remote_code`` at all (the config has no such option, so transformers'
    default, False, always applies).
 3. No loader in vlreason/, recipes/, data_pipelines/ unpickles: no ``pickle.load(s)`` or
-   ``Unpickler``, no ``torch.load`` without ``weights_only=True``, no ``np.load`` with
+   ``Unpickler`` (the one ``pickle.Unpickler`` subclass is safe_dcp's allow-listed
+   ``.metadata`` reader), no ``torch.load`` without ``weights_only=True``, no ``np.load`` with
    ``allow_pickle`` other than False, no ``dill`` / ``joblib`` / ``shelve`` /
    ``marshal``, no ``pandas.read_pickle``, no ``yaml.load`` / ``unsafe_load`` /
    ``full_load`` (``yaml.safe_load`` only).
@@ -40,6 +41,7 @@ from vlreason.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from vlreason.train.safe_dcp import UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("vlreason", "recipes", "data_pipelines")
@@ -125,37 +127,29 @@ def test_resume_refuses_pickled_optimizer_file(tmp_path):
     _assert_refused(marker, lambda: load_checkpoint(path, optimizer=optimizer))
 
 
-DCP_HOLE = (
-    "vlreason/train/checkpoint.py resumes the sharded state/ with "
-    "torch.distributed.checkpoint.load, whose FileSystemReader.read_metadata calls "
-    "pickle.load on state/.metadata and whose DefaultLoadPlanner.load_bytes calls "
-    "torch.load(weights_only=False) on non-tensor entries (optimizer param_groups): "
-    "a tampered checkpoint runs code on resume"
-)
-
-
-def _try_resume(load) -> None:
-    """Run ``load``; an error (refusing is right) is fine: what matters is the marker.
-    DCP's CheckpointException is a BaseException, hence the broad catch."""
-    try:
+def _assert_dcp_refused(marker: Path, load, file: str) -> None:
+    """The refusal is a clear error naming the object and the file, and nothing ran."""
+    with pytest.raises(
+        UnsafeCheckpointError, match=rf"refusing to unpickle posix\.system from .*{file}"
+    ) as refused:
         load()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException:
-        pass
+    assert "a checkpoint must hold only tensors and plain data" in str(refused.value)
+    assert isinstance(refused.value, pickle.UnpicklingError)
+    assert not marker.exists(), "the pickled payload ran"
 
 
-@pytest.mark.xfail(strict=True, reason=DCP_HOLE)
 def test_resume_refuses_pickled_dcp_metadata(sharded_checkpoint, tmp_path):
     path, model, optimizer, _ = sharded_checkpoint
     marker = tmp_path / "pwned"
     metadata = path / STATE_DIR / ".metadata"
     metadata.write_bytes(pickle.dumps(Payload(marker)))
-    _try_resume(lambda: load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False))
-    assert not marker.exists(), "the pickled payload in state/.metadata ran"
+    _assert_dcp_refused(
+        marker,
+        lambda: load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False),
+        r"state/\.metadata",
+    )
 
 
-@pytest.mark.xfail(strict=True, reason=DCP_HOLE)
 def test_resume_refuses_pickled_dcp_optimizer_entry(sharded_checkpoint, tmp_path):
     """state/ rewritten by an attacker with torch's own writer: every file is well
     formed, but the optimizer's learning rate is a pickled payload."""
@@ -171,8 +165,26 @@ def test_resume_refuses_pickled_dcp_optimizer_entry(sharded_checkpoint, tmp_path
         file.unlink()
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state))
     assert not marker.exists()
-    _try_resume(lambda: load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False))
-    assert not marker.exists(), "the pickled payload in the optimizer state ran"
+    _assert_dcp_refused(
+        marker,
+        lambda: load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False),
+        r"state/__0_0\.distcp \(entry optim\.param_groups\.0\.lr\)",
+    )
+
+
+def test_resume_refuses_a_metadata_global_outside_the_allow_list(sharded_checkpoint, tmp_path):
+    """Not only code: any global the DCP metadata does not use (here a harmless stdlib
+    class) is refused before it is looked up; a non-Metadata object is refused too."""
+    import collections
+
+    path, model, optimizer, _ = sharded_checkpoint
+    metadata = path / STATE_DIR / ".metadata"
+    metadata.write_bytes(pickle.dumps(collections.OrderedDict(a=1)))
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle collections\.OrderedDict"):
+        load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False)
+    metadata.write_bytes(pickle.dumps({"a": [1, 2.0, "x"]}))
+    with pytest.raises(UnsafeCheckpointError, match=r"state/\.metadata holds a dict, not DCP Metadata"):
+        load_checkpoint(path, model=model, optimizer=optimizer, restore_rng=False)
 
 
 # ------------------------------------------------------------------ AST helpers
@@ -313,6 +325,23 @@ def _unpickling_findings(path: Path, root: Path = ROOT) -> list[str]:
 def test_no_loader_unpickles_user_data():
     findings = [f for path in _package_files() for f in _unpickling_findings(path)]
     assert findings == [], "unpickling loaders:\n" + "\n".join(findings)
+
+
+def test_the_only_unpickler_is_the_allow_listed_dcp_metadata_reader():
+    """Subclassing ``pickle.Unpickler`` is not a call, so the check above misses it: the
+    one subclass in the packages is safe_dcp's, and it overrides ``find_class``."""
+    found = []
+    for path in _package_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = _imported_names(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases = {imported.get(_dotted(b).split(".")[0], "") + "." + _dotted(b) for b in node.bases}
+            if any(b.endswith("Unpickler") for b in bases):
+                methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+                found.append((str(path.relative_to(ROOT)), node.name, "find_class" in methods))
+    assert found == [("vlreason/train/safe_dcp.py", "_MetadataUnpickler", True)], found
 
 
 def test_the_unpickling_check_catches_each_pattern(tmp_path):

@@ -344,13 +344,16 @@ def _load_into(obj, file: Path) -> None:
 
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
+    """DCP load through :func:`vlreason.train.safe_dcp.safe_load`: ``.metadata`` and
+    non-tensor entries are unpickled with allow-lists, never with plain pickle."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
         set_model_state_dict,
         set_state_dict,
     )
+
+    from vlreason.train.safe_dcp import safe_load
 
     options = _sharded_options()
     if optimizer is not None:
@@ -359,7 +362,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
     else:
         payload = {"model": get_model_state_dict(model, options=options)}
     with _single_process_is_intended():
-        dcp.load(payload, checkpoint_id=str(path / STATE_DIR))  # missing keys are an error here
+        safe_load(payload, path / STATE_DIR)  # missing keys are an error here
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
                        options=options)
