@@ -99,6 +99,40 @@ def test_roundtrip_restores_training_and_rng_exactly(tmp_path: Path):
     assert config == {"seed": 1, "output_dir": str(tmp_path), "betas": [0.9, 0.99]}
 
 
+def test_sharded_bfloat16_roundtrip_through_the_safe_reader(tmp_path: Path):
+    """The model= (DCP) path in bfloat16 with a frozen layer: the allow-listed metadata
+    reader and the weights-only byte entries restore weights, AdamW moments and the
+    param_groups (lr, betas, names) exactly, and resuming trains identically."""
+    model, optimizer, scheduler = _setup()
+    model.to(torch.bfloat16)
+    model[0].weight.requires_grad_(False)
+    optimizer = build_optimizer(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+
+    def train(model, optimizer, steps: int) -> None:
+        for step in range(steps):
+            loss = model(torch.full((5, 3), 0.5 + step, dtype=torch.bfloat16)).float().pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    train(model, optimizer, 2)
+    path = save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, rng=False)
+    train(model, optimizer, 1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh, _, _ = _setup(seed=123)
+    fresh.to(torch.bfloat16)
+    fresh[0].weight.requires_grad_(False)
+    fresh[0].weight.data.copy_(model[0].weight)  # frozen weights are not in the checkpoint
+    fresh_opt = build_optimizer(fresh.named_parameters(), lr=0.5, weight_decay=0.0)
+    load_checkpoint(path, model=fresh, optimizer=fresh_opt, restore_rng=False)
+    groups = [(g["name"], g["lr"], g["betas"], g["weight_decay"]) for g in fresh_opt.param_groups]
+    assert groups == [(g["name"], g["lr"], g["betas"], g["weight_decay"]) for g in optimizer.param_groups]
+    train(fresh, fresh_opt, 1)
+    for key, value in fresh.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, expected[key]), key
+
+
 def test_tied_and_view_tensors_are_saved(tmp_path: Path):
     weight = torch.arange(6.0).reshape(2, 3)
     state = {"embed.weight": weight, "lm_head.weight": weight, "row": weight[1]}

@@ -78,3 +78,52 @@ def test_kill_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path):
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], msg=name)
     assert all(len(s) for s in optimizer.state.values())  # AdamW moments restored
+
+
+def _resume_worker(rank: int, port: int, run: str, tampered: str) -> None:
+    """Load a one-process checkpoint onto two FSDP2 processes (1 -> 2 resharding) through
+    the safe DCP reader, then try a tampered copy: every process must refuse it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from vlreason.train.safe_dcp import UnsafeCheckpointError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    torch.manual_seed(123)  # different starting weights: the load must overwrite them
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    for layer in model:
+        fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    optimizer = build_optimizer(model.named_parameters(), lr=0.1, weight_decay=0.0)
+    load_checkpoint(os.path.join(run, "checkpoints", "step-1"), model=model, optimizer=optimizer,
+                    restore_rng=False)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    outcome = "loaded"
+    try:
+        load_checkpoint(tampered, model=model, optimizer=optimizer, restore_rng=False)
+    except UnsafeCheckpointError as exc:
+        outcome = str(exc)
+    torch.save({"weights": full, "tampered": outcome}, os.path.join(run, f"rank-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_one_process_checkpoint_resumes_on_two_and_both_refuse_a_tampered_one(tmp_path):
+    import pickle
+    import shutil
+
+    model = _model()
+    optimizer = build_optimizer(model.named_parameters(), lr=0.1, weight_decay=0.0)
+    _step(model, optimizer)
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, rng=False)
+    tampered = tmp_path / "tampered" / "step-1"  # a complete checkpoint
+    shutil.copytree(path, tampered)
+    (tampered / "state" / ".metadata").write_bytes(pickle.dumps(print))  # builtins.print
+    mp.start_processes(_resume_worker, args=(29573, str(tmp_path), str(tampered)), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(result["weights"][name], param.detach(), msg=name)
+        assert result["tampered"].startswith("refusing to unpickle builtins.print from ")
+        assert result["tampered"].split(" from ")[1].startswith(str(tampered / "state" / ".metadata"))
