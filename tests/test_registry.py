@@ -38,11 +38,16 @@ class {cls}:
 
 @pytest.fixture(autouse=True)
 def private_registry(monkeypatch):
-    """Registrations, sys.path entries and user modules made by a test stay in that test."""
-    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    """Registrations, sys.path entries and user modules made by a test stay in that test
+    (a built-in imported meanwhile keeps its registration: its module stays imported)."""
+    saved = dict(registry._REGISTERED)
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
     yield
+    builtins = registry.builtin_recipes()
+    saved.update({n: c for n, c in registry._REGISTERED.items() if builtins.get(n) == c.__module__})
+    registry._REGISTERED.clear()
+    registry._REGISTERED.update(saved)
     for name in set(sys.modules) - before:
         if name.startswith("vlreason_user_recipe_"):
             del sys.modules[name]
@@ -121,6 +126,15 @@ def test_a_name_is_registered_once():
 
     with pytest.raises(ValueError, match="recipe name"):
         register_recipe("has space")
+
+
+def test_a_builtin_name_belongs_to_its_file(tmp_path):
+    path = write(tmp_path, "my_grpo", "from vlreason.registry import register_recipe\n\n@register_recipe('grpo')"
+                 + RECIPE_BODY.format(cls="Impostor"))
+    with pytest.raises(RecipeError, match=r"'grpo' is taken by (the built-in recipe )?recipes\.grpo"):
+        recipe_class(str(path))
+    builtin = Path(registry.__file__).parents[1] / "recipes" / "grpo.py"
+    assert recipe_class(str(builtin)).__name__ == "GRPORecipe"  # its own file, by path: the same recipe
 
 
 def test_the_same_file_under_two_module_names_is_one_recipe(tmp_path):

@@ -61,11 +61,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_policy(cfg, *, with_reference: bool = False):
-    """Seed everything, then load ``cfg.model`` as a Policy on CUDA when there is one."""
+    """Seed everything, then load ``cfg.model`` as a Policy on this process's CUDA device
+    when there is one (the one ``init_distributed`` selected), else on the CPU."""
     from vlreason.models.policy import Policy
 
     seed_everything(cfg.seed)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Policy.load(cfg.model, cfg.rollout, device=device, with_reference=with_reference)
 
 
@@ -78,7 +79,11 @@ def load_split(path: str, default_split: str):
 
 
 def init_distributed() -> None:
-    """Join the process group when started by ``accelerate launch`` / torchrun."""
+    """Join the process group when started by ``accelerate launch`` / torchrun, and make
+    ``LOCAL_RANK``'s GPU this process's current device (NCCL collectives and the model
+    use it)."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         from accelerate import PartialState
 

@@ -75,18 +75,23 @@ def register_recipe(name: str):
     def decorate(cls: type) -> type:
         old = _REGISTERED.get(name)
         if old is not None and _origin(old) != _origin(cls):
-            raise RecipeError(
-                f"recipe name {name!r} is taken by {old.__module__}.{old.__qualname__}; "
-                f"{cls.__module__}.{cls.__qualname__} needs another name"
-            )
-        _REGISTERED[name] = cls
-        return cls
+            taken_by = f"{old.__module__}.{old.__qualname__}"
+        elif old is None and name in _builtin_files() and _builtin_files()[name] != _origin(cls)[0]:
+            taken_by = f"the built-in recipe {builtin_recipes()[name]}"
+        else:
+            _REGISTERED[name] = cls
+            return cls
+        raise RecipeError(
+            f"recipe name {name!r} is taken by {taken_by}; "
+            f"{cls.__module__}.{cls.__qualname__} needs another name"
+        )
 
     return decorate
 
 
 @lru_cache(maxsize=1)
-def _builtin_table() -> tuple[tuple[str, str], ...]:
+def _builtin_table() -> tuple[tuple[str, str, str], ...]:
+    """(name, module, real path of its file) for each built-in recipe."""
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return ()
@@ -94,14 +99,18 @@ def _builtin_table() -> tuple[tuple[str, str], ...]:
     for folder in spec.submodule_search_locations:
         for path in sorted(Path(folder).glob("*.py")):
             for name in _DECORATOR.findall(path.read_text(encoding="utf-8")):
-                table.setdefault(name, f"{BUILTIN_PACKAGE}.{path.stem}")
-    return tuple(table.items())
+                table.setdefault(name, (f"{BUILTIN_PACKAGE}.{path.stem}", os.path.realpath(path)))
+    return tuple((name, module, file) for name, (module, file) in table.items())
 
 
 def builtin_recipes() -> dict[str, str]:
     """The built-in recipes, ``name -> module``, read from the decorator lines of the
     ``recipes`` package's modules (none of them is imported)."""
-    return dict(_builtin_table())
+    return {name: module for name, module, _ in _builtin_table()}
+
+
+def _builtin_files() -> dict[str, str]:
+    return {name: file for name, _, file in _builtin_table()}
 
 
 def available_recipes() -> list[str]:

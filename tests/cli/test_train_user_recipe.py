@@ -117,16 +117,18 @@ def test_user_recipe_file_runs_as_vlreason_train_path(tmp_path):
 def test_user_recipe_runs_as_module_colon_class(tmp_path, monkeypatch):
     from vlreason import registry
 
-    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))  # stays in this test
     write_recipe(tmp_path / "plugins", "my_recipe_mod", "my_grpo_module")
     monkeypatch.syspath_prepend(str(tmp_path / "plugins"))  # as PYTHONPATH would
     monkeypatch.delitem(sys.modules, "my_recipe_mod", raising=False)
     run = tmp_path / "run"
-    assert main(["train", "my_recipe_mod:MyGRPO", "max_steps=1", f"output_dir={run}", *QUIET]) == 0
-    check_run(run)
-    # the name it registered now answers too, in this process
-    assert main(["train", "my_grpo_module", "--show-config"]) == 0
-    sys.modules.pop("my_recipe_mod", None)
+    try:
+        assert main(["train", "my_recipe_mod:MyGRPO", "max_steps=1", f"output_dir={run}", *QUIET]) == 0
+        check_run(run)
+        # the name it registered now answers too, in this process
+        assert main(["train", "my_grpo_module", "--show-config"]) == 0
+    finally:
+        registry._REGISTERED.pop("my_grpo_module", None)
+        sys.modules.pop("my_recipe_mod", None)
 
 
 def test_user_module_on_pythonpath_shows_its_config(tmp_path):

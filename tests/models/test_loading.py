@@ -86,3 +86,36 @@ def test_old_transformers_is_refused(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     with pytest.raises(RuntimeError, match="needs transformers >= 5.24"):
         check_transformers()
+
+
+def test_trainable_weights_are_fp32_masters_and_frozen_copies_use_the_compute_dtype(tiny_path):
+    cfg = ModelConfig(name_or_path=str(tiny_path), dtype="bfloat16")
+    trainable, _ = load_model(cfg)
+    frozen, _ = load_model(cfg, trainable=False)
+    assert {p.dtype for p in trainable.parameters()} == {torch.float32}
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+
+
+def test_final_checkpoint_is_written_in_the_save_dtype_across_several_files(tiny_path, tmp_path):
+    """save_consolidated: files of at most max_shard_bytes plus an index, transformers'
+    own names, the asked dtype; from_pretrained loads it back with the same values."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from vlreason.models.loading import checkpoint_dtype, load_processor, save_consolidated
+
+    model, _ = load_model(ModelConfig(name_or_path=str(tiny_path)))
+    assert checkpoint_dtype(str(tiny_path)) == torch.float32
+    save_consolidated(model, load_processor(str(tiny_path)), tmp_path, torch.bfloat16, max_shard_bytes=100_000)
+    files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    written = {}
+    for f in files:
+        written.update(load_file(str(tmp_path / f)))
+    assert written.keys() == load_file(str(tiny_path / "model.safetensors")).keys()  # save_pretrained's names
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    want = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param.detach(), want[name]), name

@@ -5,6 +5,7 @@ sampling seeded per prompt gives the same completions on 1 or 2 processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -64,6 +65,23 @@ def _loss_and_grads(policy, phases, batch, engine):
     return total, grads, batch.completion_ids_NT
 
 
+@contextlib.contextmanager
+def _counting_all_gathers(counts: dict, key: str):
+    """Count FSDP2's parameter all-gathers (``dist.all_gather_single``) inside the block."""
+    real = dist.all_gather_single
+    counts[key] = 0
+
+    def counted(*args, **kwargs):
+        counts[key] += 1
+        return real(*args, **kwargs)
+
+    dist.all_gather_single = counted
+    try:
+        yield
+    finally:
+        dist.all_gather_single = real
+
+
 def _worker(rank, world_size, port, strategy, out_path):
     from vlreason.train.parallel import ParallelConfig, build_engine
 
@@ -75,9 +93,14 @@ def _worker(rank, world_size, port, strategy, out_path):
         engine = build_engine(ParallelConfig(strategy=strategy), policy.model, policy.family,
                               compute_dtype=torch.float32)
         index = shard(list(range(4)), rank, world_size)
-        batch = engine.gathered(lambda: _sample(policy, rows, index))
+        gathers = {}
+        with _counting_all_gathers(gathers, "gathered"):
+            batch = engine.gathered(lambda: _sample(policy, rows, index))
+        if strategy == "fsdp2":  # the same rollout with each layer gathered on each of its calls
+            with _counting_all_gathers(gathers, "per_call"), torch.no_grad():
+                engine.forward(lambda: _sample(policy, rows, index))
         loss, grads, ids = _loss_and_grads(policy, phases, batch, engine)
-        torch.save({"loss": loss, "grads": grads, "ids": ids}, f"{out_path}.{rank}")
+        torch.save({"loss": loss, "grads": grads, "ids": ids, "gathers": gathers}, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -105,3 +128,12 @@ def test_two_processes_match_one(tmp_path, strategy, port):
     for name in grads1:  # both processes hold the same full gradient (DDP) / the same gathered one (FSDP2)
         for part in parts:
             torch.testing.assert_close(part["grads"][name], grads1[name], atol=1e-6, rtol=1e-4, msg=name)
+    if strategy == "fsdp2":
+        # a rollout gathers each FSDP2 unit once (decoder layers, vision blocks, the root),
+        # not once per decoded token as per-call gathering does
+        from vlreason.train.parallel import shard_units
+
+        units = len(shard_units(policy.family, policy.model)) + 1
+        for part in parts:
+            assert part["gathers"]["gathered"] <= units, part["gathers"]
+            assert part["gathers"]["per_call"] > 3 * units, part["gathers"]

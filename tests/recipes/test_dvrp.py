@@ -8,27 +8,21 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from recipes.dvrp import (
-    DVRPConfig,
-    DVRPRecipe,
-    DVRPRecipeConfig,
-    build_triplet,
-    noise_timestep,
-    view_seed,
-)
+from recipes.dvrp import DVRPConfig, DVRPRecipe, DVRPRecipeConfig
 from vlreason.algorithms.divergence import kl_from_logits
 from vlreason.config import load_config, to_dict
 from vlreason.paths import warm_model
 from vlreason.recipe_base import run_recipe
 from vlreason.rollout.chunked import chunked_full_kl
+from vlreason.rollout.forward import pixel_rows
+from vlreason.rollout.views_forward import view_token_terms
 from vlreason.train.metrics import StepTimer
-from vlreason.views import PixelBudget, patch_mask_grid
+from vlreason.views.noise import noise_pixel_values
+from vlreason.views.triplet import NOISE_VIEW, view_seed
 
 REPO = Path(__file__).resolve().parents[2]
 def approx(value):
@@ -77,34 +71,6 @@ def test_run_logs_visual_terms_and_resume_is_exact(tmp_path):
     assert [r["kl_mask"] for r in _metrics(run)] == approx([r["kl_mask"] for r in records])
 
 
-def test_triplet_masks_whole_patches_with_probability_p():
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(1, 256, (300, 420, 3), dtype=np.uint8))  # no black pixels
-    budget = PixelBudget(min_pixels=56 * 56, max_pixels=448 * 448, factor=28)
-    kwargs = dict(budget=budget, patch_size=14, mask_prob=0.6, noise_t=250, seed=3, step=5, row_index=1)
-    t = build_triplet([img], **kwargs)
-    orig, masked, noised = t.original[0], t.masked[0], t.noised[0]
-    assert orig.size == masked.size == noised.size == budget.resize(img).size
-    w, h = orig.size
-    assert w % 28 == 0 and h % 28 == 0
-    grid = patch_mask_grid(h // 14, w // 14, 0.6, view_seed(3, 5, 0, 1, 0, 1))
-    m = np.asarray(masked).reshape(h // 14, 14, w // 14, 14, 3)
-    o = np.asarray(orig).reshape(h // 14, 14, w // 14, 14, 3)
-    black = (m == 0).all(axis=(1, 3, 4))
-    kept = (m == o).all(axis=(1, 3, 4))
-    assert np.array_equal(black, grid) and np.array_equal(kept, ~grid)  # whole patches, on the grid
-    assert abs(grid.mean() - 0.6) < 0.05 and grid.size > 500
-    assert t.masked_patches == grid.sum() and t.total_patches == grid.size
-    assert not np.array_equal(np.asarray(noised), np.asarray(orig))
-    again = build_triplet([img], **kwargs)  # deterministic per (seed, step, row)
-    assert np.array_equal(np.asarray(again.masked[0]), np.asarray(masked))
-    assert np.array_equal(np.asarray(again.noised[0]), np.asarray(noised))
-    other = build_triplet([img], **{**kwargs, "step": 6})
-    assert not np.array_equal(np.asarray(other.masked[0]), np.asarray(masked))
-    cfg = DVRPConfig()
-    assert [noise_timestep(s, cfg, 100) for s in (0, 50, 100)] == [497, 250, 3]
-
-
 def test_chunked_full_kl_is_exact_with_gradients():
     torch.manual_seed(0)
     hp, hq, w = torch.randn(7, 5, requires_grad=True), torch.randn(7, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
@@ -128,6 +94,7 @@ def test_zero_visual_weights_give_the_grpo_loss_and_full_divergence_runs(tmp_pat
     recipe.setup()
     micro, metrics = recipe.prepare(0, StepTimer())
     assert len(micro) == 2 and metrics["noise_t"] == 497
+    _check_noised_view(recipe, micro[0].prompts, micro[0].extras["noised_prompts"], t=497)
     for batch in micro:
         loss, m = recipe.step(batch)
         plain, _ = recipe.phases.loss(batch)
@@ -146,7 +113,40 @@ def test_zero_visual_weights_give_the_grpo_loss_and_full_divergence_runs(tmp_pat
     loss_full.backward()  # gradient through all three views, pi_orig included
     head = recipe.policy.family.lm_head(recipe.model).weight
     assert head.grad is not None and torch.isfinite(head.grad).all()
+    # sampled mode: detach_orig only removes pi_orig's (score-function) gradient, never the value
+    views = {name: micro[0].extras[f"{name}_prompts"] for name in ("masked", "noised")}
+    kl, grad = {}, {}
+    for detach in (False, True):
+        recipe.model.zero_grad(set_to_none=True)
+        terms = view_token_terms(recipe.model, recipe.policy.family, micro[0], views, divergence="sampled",
+                                 detach_orig=detach, temperature=recipe.policy.sampling_temperature)
+        terms.kl_NT["masked"].sum().backward()
+        kl[detach], grad[detach] = terms.kl_NT["masked"].detach(), head.grad.clone()
+    torch.testing.assert_close(kl[False], kl[True])
+    assert not torch.allclose(grad[False], grad[True])
     recipe.cleanup()
+
+
+def _check_noised_view(recipe, prompts, noised, t):
+    """The noised view is the rollout's own pixel tensor, noised in float per image with
+    its (seed, step, rank, row, image) seed: same tokens, values off the 8-bit grid."""
+    assert torch.equal(noised.input_ids_PT, prompts.input_ids_PT)
+    assert torch.equal(noised.image_grid_thw, prompts.image_grid_thw)
+    ip = recipe.policy.processor.image_processor
+    parts = torch.split(prompts.pixel_values, pixel_rows(prompts.image_grid_thw))
+    image = 0
+    for row, count in enumerate(prompts.images_per_prompt):
+        for j in range(count):
+            expected = noise_pixel_values(parts[image], t, image_mean=tuple(ip.image_mean),
+                                          image_std=tuple(ip.image_std), seed=view_seed(0, 0, 0, row, j, NOISE_VIEW))
+            got = torch.split(noised.pixel_values, pixel_rows(prompts.image_grid_thw))[image]
+            assert torch.equal(got, expected)
+            image += 1
+    mean = torch.tensor(ip.image_mean).repeat_interleave(2 * 14 * 14)
+    std = torch.tensor(ip.image_std).repeat_interleave(2 * 14 * 14)
+    pixels = noised.pixel_values * std + mean
+    assert ((pixels < 0) | (pixels > 1)).float().mean() > 0.2  # not clipped to the pixel range
+    assert ((pixels * 255 - (pixels * 255).round()).abs() < 1e-3).float().mean() < 0.01  # not 8-bit
 
 
 def test_shipped_config_is_the_default():
@@ -155,3 +155,12 @@ def test_shipped_config_is_the_default():
     d = cfg.dvrp
     assert (d.mask_prob, d.t_init, d.gamma, d.lambda_nec, d.lambda_rob, d.lambda_ent, cfg.algorithm.kl_coef) == (
         0.6, 500, 10.0, 0.01, 0.01, 0.05, 0.0)
+
+
+def test_medical_preset_differs_only_in_the_medical_values():
+    medical = to_dict(load_config(DVRPRecipeConfig, REPO / "recipes" / "configs" / "dvrp_medical.yaml"))
+    general = to_dict(load_config(DVRPRecipeConfig, REPO / "recipes" / "configs" / "dvrp.yaml"))
+    assert (medical["dvrp"]["mask_prob"], medical["dvrp"]["t_init"]) == (0.2, 100)
+    medical["dvrp"].update(mask_prob=0.6, t_init=500)
+    medical["output_dir"] = general["output_dir"]
+    assert medical == general

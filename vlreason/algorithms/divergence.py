@@ -28,8 +28,10 @@ Two ways to obtain the distributions:
   :func:`topk_token_divergence`).
 
 Plus the cheap sampled-token estimate of KL(P || Q) on tokens drawn from P
-(:func:`sampled_token_kl`, the k1/k2/k3 estimators of :mod:`vlreason.algorithms.kl`), and the
-two losses built from these: :func:`vision_opd_loss` and :func:`dvrp_regularizer`.
+(:func:`sampled_token_kl`, the k1/k2/k3 estimators of :mod:`vlreason.algorithms.kl`, with a
+score-function gradient on the P side so that both arguments get the exact KL's gradient
+in expectation; see its docstring and tests/algorithms/test_divergence_gradients.py), and
+the two losses built from these: :func:`vision_opd_loss` and :func:`dvrp_regularizer`.
 
 Half-precision inputs are upcast to float32; results are float32 (or float64 for float64
 inputs).
@@ -213,12 +215,31 @@ def sampled_token_kl(
     estimator: str = "k3",
     *,
     clamp: float = LOG_RATIO_CLAMP,
+    detach_p: bool = False,
 ) -> Tensor:
-    """Per-token estimate of KL(P || Q) on tokens sampled from P (cheap DVRP option).
+    """Per-token estimate of KL(P || Q) on tokens sampled from P, with honest gradients.
 
-    ``KL_ESTIMATORS[estimator](log P(y_t), log Q(y_t))``; k3 = exp(q - p) - (q - p) - 1.
-    Unbiased for k1/k3 only if the tokens really were sampled from P (DVRP: rollouts from
-    the original image, P = pi_orig).
+    Value: ``KL_ESTIMATORS[estimator](log P(y_t), log Q(y_t))``; k3 = r - log r - 1 with
+    r = Q(y)/P(y). k1 and k3 are unbiased for KL(P || Q) when y ~ P (DVRP: rollouts from
+    the original image, P = pi_orig); k2 = (log r)^2 / 2 is biased.
+
+    Gradient on the Q side: the estimator's own (pathwise) gradient. Its expectation over
+    y ~ P is exactly grad_Q KL(P || Q) for k1 and k3 (E_P[(r - 1) grad log Q] =
+    -sum_v P_v grad log Q_v); for k2 it is -E_P[log(P/Q) grad log Q], not the KL's.
+
+    Gradient on the P side (``detach_p=False``): ``stopgrad(log P(y) - log Q(y)) grad log
+    P(y)`` (log-ratio clamped like the value), the score-function form of the exact
+    gradient grad_P KL(P || Q) = E_P[log(P/Q) grad log P], for every estimator. The
+    estimator's own pathwise gradient is NOT used there: for k3 it is E_P[(1 - r) grad
+    log P] = -sum_v Q_v grad log P_v = grad_P KL(Q || P), the gradient of the *other* KL
+    (per token a push of (r - 1) on log P, unbounded in r); for k1 it is 0 in
+    expectation. For k3 the term used equals k3's pathwise gradient plus the missing
+    score-function term stopgrad(k3) grad log P (since k3 + 1 - r = -log r); for k2 it
+    equals k2's pathwise gradient. ``detach_p=True``: no gradient to P at all (P as a
+    fixed target).
+
+    The value is unchanged by either choice. The P-side "exact" is per position: the
+    prefix is treated as given, as in the full-vocabulary per-token KL.
     """
     try:
         fn = KL_ESTIMATORS[estimator]
@@ -226,7 +247,14 @@ def sampled_token_kl(
         raise ValueError(
             f"unknown KL estimator {estimator!r}; choose one of {list(KL_ESTIMATORS)}"
         ) from None
-    return fn(logprobs_P_BT, logprobs_Q_BT, clamp=clamp)
+    lp = logprobs_P_BT.detach()
+    value = fn(lp, logprobs_Q_BT, clamp=clamp)
+    if detach_p or not logprobs_P_BT.requires_grad:
+        return value
+    log_ratio = torch.clamp(lp - logprobs_Q_BT.detach(), min=-clamp, max=clamp)
+    # zero-valued surrogate whose gradient w.r.t. log P(y) is the log-ratio
+    score = log_ratio * (logprobs_P_BT - lp)
+    return value + score.to(value.dtype)
 
 
 def vision_opd_loss(
@@ -307,9 +335,11 @@ def dvrp_regularizer(
         l_t = -l_nec KL_mask_t + l_rob KL_noise_t + l_ent (H_mask_t + H_noise_t)
 
     Inputs are per-token values on the rollout tokens: full-vocabulary
-    :func:`kl_from_logits` (P = original-image logits) and
-    :func:`~vlreason.algorithms.entropy.entropy_from_logits`, or the cheap
-    :func:`sampled_token_kl`. Metrics: the token means of the four inputs.
+    :func:`kl_from_logits` (P = original-image logits; DVRP's default, exact value and
+    gradient on both sides) and :func:`~vlreason.algorithms.entropy.entropy_from_logits`,
+    or the cheap :func:`sampled_token_kl` (unbiased value for k1/k3; its gradient on both
+    sides equals the exact KL's in expectation for k1/k3, see there). Metrics: the token
+    means of the four inputs.
     """
     loss_BT = (
         -lambda_nec * kl_mask_BT

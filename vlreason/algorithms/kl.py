@@ -13,6 +13,14 @@ The same estimators give KL(p || q) for any two distributions when the tokens we
 from p (pass ``logprobs_BT = log p``, ``ref_logprobs_BT = log q``): DVRP uses k3 this way as
 the cheap sampled-token alternative to the full-vocabulary KL.
 
+Gradients: "unbiased" above is about the value. Used as a loss with gradient through
+``logprobs_BT`` only (GRPO's reference KL, tokens from pi_theta), the expected gradient
+w.r.t. pi_theta is: k1 -> 0; k2 -> grad KL(pi_theta || pi_ref) exactly; k3 -> grad
+KL(pi_ref || pi_theta), the other KL (they agree to first order near pi_ref). See
+docs/algorithms.md and tests/algorithms/test_divergence_gradients.py; DVRP's
+:func:`~vlreason.algorithms.divergence.sampled_token_kl` adds the missing score-function
+term for its sampling side.
+
 Numerical safety: the log-ratio is clamped to ``[-clamp, clamp]`` (default 20) before the
 estimator is applied, so ``exp`` cannot overflow (exp(20) ~ 4.9e8) and a single token with a
 -inf reference log-prob cannot produce inf/NaN. Outside the range the gradient is zero.

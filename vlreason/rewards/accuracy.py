@@ -22,7 +22,9 @@ Comparison, first rule that applies wins:
    ``math_verify.verify(parse(gt), parse(pred))`` with both sides read as one LaTeX
    expression (``$...$``), under a wall-clock limit ``timeout_s`` (timeout -> 0).
    Letters-only ground truths never reach sympy (otherwise ``"der"`` would equal ``"red"``
-   as a product of symbols).
+   as a product of symbols), and neither does a side longer than :data:`MAX_MATH_CHARS`
+   characters (no real answer is that long; parsing one costs memory and time that the
+   time limit alone does not bound: a megabyte answer took ~190 MB in math-verify).
 
 Time limit: math-verify's own timeouts use ``signal.alarm`` and raise in non-main threads,
 so they are switched off (``parsing_timeout=None``, ``timeout_seconds=None``) and replaced:
@@ -48,18 +50,26 @@ from typing import Any, TypeVar
 
 from vlreason.rewards.format import extract_answer
 
-__all__ = ["accuracy_reward", "answers_match", "call_with_timeout", "math_equal"]
+__all__ = ["MAX_MATH_CHARS", "accuracy_reward", "answers_match", "call_with_timeout", "math_equal"]
+
+MAX_MATH_CHARS = 1000
+"""Longest answer (either side, in characters) that is handed to math-verify; longer ones
+score 0 unless an earlier rule (choice, text, number) matched. In lenient mode the free
+text searched for an answer is cut to its last ``MAX_LENIENT_CHARS`` characters."""
+MAX_LENIENT_CHARS = 8000
 
 T = TypeVar("T")
 
-_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?\s*[.:)]?")
-_LETTER_WITH_TEXT = re.compile(r"\(?\s*([A-Za-z])\s*\)?\s*[.:)]?\s+(.+)", re.DOTALL)
-_CHOICE_PREFIX = re.compile(r"\(?\s*([A-Za-z])\s*\)?\s*[.:)]\s*(.*)", re.DOTALL)
+# No two whitespace runs are adjacent in these patterns (``\s*\)?\s*`` backtracks
+# quadratically on a letter followed by a long run of spaces); they match in linear time.
+_LETTER = re.compile(r"\(?\s*([A-Za-z])(?:\s*\))?\s*[.:)]?")
+_LETTER_WITH_TEXT = re.compile(r"\(?\s*([A-Za-z])(?:\s*\))?(?:\s*[.:)])?\s+(.+)", re.DOTALL)
+_CHOICE_PREFIX = re.compile(r"\(?\s*([A-Za-z])(?:\s*\))?\s*[.:)]\s*(.*)", re.DOTALL)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _MATHY = re.compile(r"[\d\\^=+*/]")
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-_ANY_TAG = re.compile(r"<\s*/?\s*(?:think|answer)\s*>", re.IGNORECASE)
+_ANY_TAG = re.compile(r"<\s*(?:/\s*)?(?:think|answer)\s*>", re.IGNORECASE)
 _NUMBER_WORDS = {
     w: i
     for i, w in enumerate(
@@ -257,7 +267,10 @@ def _mv_equal_unguarded(pred_latex: str, gt_latex: str, free_text: bool) -> bool
 
 
 def math_equal(pred: str, ground_truth: str, *, timeout_s: float = 5.0) -> bool:
-    """math-verify equivalence of two answers read as LaTeX, within ``timeout_s`` (else False)."""
+    """math-verify equivalence of two answers read as LaTeX, within ``timeout_s`` (else
+    False); False without calling math-verify when a side exceeds :data:`MAX_MATH_CHARS`."""
+    if len(pred) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
+        return False
     finished, result = call_with_timeout(
         lambda: _mv_equal(_as_latex(pred), _as_latex(ground_truth)), timeout_s
     )
@@ -342,7 +355,7 @@ def accuracy_reward(
         return 1.0
     gt = str(ground_truth).strip()
     if gt and _MATHY.search(gt) and _choice_letter(gt, _as_choices(choices)) is None:
-        text = _ANY_TAG.sub(" ", completion)
+        text = _ANY_TAG.sub(" ", completion[-MAX_LENIENT_CHARS:])
         finished, result = call_with_timeout(
             lambda: _mv_equal(text, _as_latex(gt), free_text=True), timeout_s
         )

@@ -22,10 +22,12 @@ __all__ = ["extract_answer", "format_reward", "is_strict_format"]
 
 # Any think/answer tag, tolerant of case and inner whitespace, so that variants of the
 # structural tags are counted (and rejected) rather than silently treated as text.
-_ANY_TAG = re.compile(r"<\s*/?\s*(?:think|answer)\s*>", re.IGNORECASE)
+# Written so that no two whitespace runs are adjacent (``<\s*/?\s*`` backtracks
+# quadratically: "<" followed by 40,000 spaces took over a minute); linear time.
+_ANY_TAG = re.compile(r"<\s*(?:/\s*)?(?:think|answer)\s*>", re.IGNORECASE)
 _STRICT = re.compile(r"<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>(?P<answer>.*?)</answer>", re.DOTALL)
-_ANSWER_TAG = re.compile(r"<\s*/?\s*answer\s*>", re.IGNORECASE)
+_ANSWER_TAG = re.compile(r"<\s*(?:/\s*)?answer\s*>", re.IGNORECASE)
 
 
 def is_strict_format(completion: str) -> bool:

@@ -28,12 +28,14 @@ resumes on M. With only ``model_state=`` call them on one process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,10 +168,19 @@ def _save_sharded(tmp: Path, model: torch.nn.Module, optimizer) -> None:
     else:
         model_sd = get_model_state_dict(model, options=_sharded_options())
         payload = {"model": model_sd}
-    dcp.save(payload, checkpoint_id=str(tmp / STATE_DIR))
+    with _single_process_is_intended():
+        dcp.save(payload, checkpoint_id=str(tmp / STATE_DIR))
     plain = not any(hasattr(t, "to_local") for t in model_sd.values())
     if plain and world()[0] == 0:
         save_file(_safetensors_ready(model_sd), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns when it runs without a process group; one process is a normal run here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _shared_token() -> str:
@@ -313,8 +324,8 @@ def load_checkpoint(
         _load_sharded(path, model, optimizer)
     else:
         model_state = load_file(str(path / MODEL_FILE), device="cpu")
-        _load_into(optimizer, path / OPTIMIZER_FILE, path)
-    _load_into(scheduler, path / SCHEDULER_FILE, path)
+        _load_into(optimizer, path / OPTIMIZER_FILE)
+    _load_into(scheduler, path / SCHEDULER_FILE)
     if restore_rng:
         own = path / f"rng-{world()[0]}.pt"
         file = own if world()[0] > 0 and own.is_file() else path / RNG_FILE
@@ -324,7 +335,7 @@ def load_checkpoint(
     return model_state, trainer_state
 
 
-def _load_into(obj, file: Path, path: Path) -> None:
+def _load_into(obj, file: Path) -> None:
     if obj is None:
         return
     if not file.exists():
@@ -347,7 +358,8 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
         payload = {"model": model_sd, "optim": optim_sd}
     else:
         payload = {"model": get_model_state_dict(model, options=options)}
-    dcp.load(payload, checkpoint_id=str(path / STATE_DIR))  # missing keys are an error here
+    with _single_process_is_intended():
+        dcp.load(payload, checkpoint_id=str(path / STATE_DIR))  # missing keys are an error here
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
                        options=options)

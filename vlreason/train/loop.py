@@ -40,7 +40,7 @@ import torch
 from vlreason.config import doc, to_dict
 from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from vlreason.train.distributed import all_agree, reduce_metrics, world
-from vlreason.train.memory import log_memory_plan
+from vlreason.train.memory import format_plan, log_memory_plan
 from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
 from vlreason.train.parallel import (
     ParallelConfig,
@@ -125,7 +125,9 @@ class Trainer:
                  lr_lambda: Callable[[int], float] | None = None):
         """``lr_lambda(step)`` replaces the warm-up + cosine/constant schedule of
         ``cfg.optim`` (a multiplier of ``cfg.optim.lr`` as a function of the global step),
-        for recipes whose phases need their own rates."""
+        for recipes whose phases need their own rates. ``save_final(dir)`` writes
+        ``final/``; it runs on every process (sharded weights are gathered) and process 0
+        writes (``Policy.save_pretrained`` does both)."""
         self.cfg = cfg
         self.recipe = recipe
         self.full_config = full_config
@@ -158,19 +160,17 @@ class Trainer:
         self.compute_dtype = policy.compute_dtype if policy is not None else torch.float32
         par = self.cfg.parallel
         self.strategy = resolve_strategy(par.strategy, self.world_size)
-        if self.is_main:
-            log_memory_plan(self.recipe.model, strategy=self.strategy, world_size=self.world_size,
-                            compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
-                            cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
-                            device=next(self.recipe.model.parameters()).device)
+        if self.is_main:  # the same on every process
+            plan = log_memory_plan(
+                self.recipe.model, strategy=self.strategy, world_size=self.world_size,
+                compute_dtype=self.compute_dtype, reference=getattr(policy, "reference", None),
+                cpu_offload=par.cpu_offload, reshard_after_forward=par.reshard_after_forward,
+                device=next(self.recipe.model.parameters()).device)
+            print(format_plan(plan), flush=True)
         family = getattr(policy, "family", None)
         self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)
         if self.strategy == "fsdp2" and getattr(policy, "reference", None) is not None:
             policy.reference_run = build_engine(par, policy.reference, family, compute_dtype=self.compute_dtype).forward
-        local, total = self.engine.local_numel()
-        if self.is_main and self.strategy != "none":
-            print(f"parallel: {self.strategy} on {self.world_size} processes; this process holds "
-                  f"{local:,} of {total:,} trainable elements ({local / max(total, 1):.1%})", flush=True)
 
     # ---- checkpoints -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -231,11 +231,14 @@ class Trainer:
             if before:
                 metrics_log.log(0, before)
         stopped_by_signal = False
+        first_step = self.step
         try:
             with GracefulStop() as stop, self.checkpoint_on_error():
                 while self.step < self.cfg.max_steps:
                     timer.reset()
                     metrics = self.train_step(timer)
+                    if self.step == first_step + 1 and self.strategy != "none":  # optimizer state exists now
+                        print(self.engine.shard_report(self.optimizer), flush=True)
                     metrics_log.log(self.step, metrics)
                     bar.update(1)
                     bar.set_postfix_str(format_postfix(metrics))

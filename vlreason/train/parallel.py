@@ -108,14 +108,21 @@ class Engine:
         """Run ``fn`` (no-gradient work: rollouts) with the full parameters available."""
         return fn()
 
-    def local_numel(self) -> tuple[int, int]:
-        """(elements of trainable parameters held by this process, in the whole model)."""
-        local = total = 0
-        for p in self.model.parameters():
-            if p.requires_grad:
-                total += p.numel()
-                local += _local(p).numel()
-        return local, total
+    def shard_report(self, optimizer: torch.optim.Optimizer | None = None) -> str:
+        """What this process holds of the trainable parameters (and of the optimizer
+        state, once it exists), measured from the local shards' sizes."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        text = _fraction("trainable parameters", [_local(p).numel() for p in params], [p.numel() for p in params])
+        if optimizer is not None and optimizer.state:
+            states = [v for s in optimizer.state.values() for v in s.values()
+                      if isinstance(v, torch.Tensor) and v.dim() > 0]
+            text += "; " + _fraction("optimizer state", [_local(v).numel() for v in states], [v.numel() for v in states])
+        return f"rank {world()[0]} ({self.strategy}): {text}"
+
+
+def _fraction(what: str, local: list[int], total: list[int]) -> str:
+    a, b = sum(local), sum(total)
+    return f"{what} {a:,} of {b:,} elements ({a / max(b, 1):.1%})"
 
 
 class DDPEngine(Engine):
@@ -127,7 +134,7 @@ class DDPEngine(Engine):
 
         ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         self.runner = DistributedDataParallel(Runner(model), device_ids=ids, find_unused_parameters=True,
-                                              broadcast_buffers=False)
+                                              forward_sync_buffers=False)
 
     def forward(self, fn: Callable[[], Any], *, sync: bool = True) -> Any:
         with contextlib.nullcontext() if sync else self.runner.no_sync():
@@ -148,6 +155,9 @@ class FSDP2Engine(Engine):
             fully_shard,
         )
 
+        if cpu_offload and device.type != "cuda":
+            raise ValueError("parallel.cpu_offload moves shards from the GPU to host memory; this model "
+                             f"is on {device.type}, where the shards already are in host memory")
         mesh = init_device_mesh(device.type, (world()[1],))
         low = compute_dtype if compute_dtype != torch.float32 else None
         kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32),
