@@ -26,14 +26,16 @@ completion tokens / update time), the update's model FLOP utilisation
 tied embedding once; no attention FLOPs, no recompute; peak: ``--peak-tflops``, by
 default 989 TFLOP/s, H100 SXM bf16 dense), peak GPU memory (allocated / reserved, per
 phase), and the images the vision tower encoded per pass.
+
+This file is the command line and the measuring (setup, timed steps, throughput and MFU,
+summary, table); ``gpu_bench_build.py`` builds the model, processor, rows and hooks;
+``bench_common.py`` has the loop's recipe interface over ``GRPOPhases``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import inspect
-import io
 import json
 import math
 import os
@@ -47,162 +49,22 @@ from typing import Any
 
 import torch
 
-QWEN25_VL_3B_TEXT = dict(
-    hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-    num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=128_000, rms_norm_eps=1e-6,
-    hidden_act="silu", use_sliding_window=False, sliding_window=32768, max_window_layers=70,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # imported (benchmarks.gpu_bench) rather than run as a script
+    sys.path.insert(0, str(HERE))
+
+from bench_common import PhasesRecipe  # noqa: E402
+from gpu_bench_build import (  # noqa: E402
+    NoEnd,
+    VisionCounter,
+    build_config,
+    build_model,
+    build_processor,
+    check_transformers,
+    synthetic_rows,
 )
-QWEN25_VL_3B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu", in_channels=3,
-    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-    fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048, tokens_per_second=2,
-)
-# --smoke: the same architecture at toy size (M-RoPE sections sum to head_dim / 2 = 8).
-SMOKE_TEXT = dict(
-    QWEN25_VL_3B_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=4096,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
-)
-SMOKE_VISION = dict(
-    QWEN25_VL_3B_VISION, depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
-    fullatt_block_indexes=[1, 3], out_hidden_size=64,
-)
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}  # bf16 dense (SXM)
-
-
-# ---------------------------------------------------------------------------- checks
-
-
-def check_transformers() -> list[str]:
-    """Why the installed transformers cannot run vlreason's code paths (empty when it can)."""
-    import transformers
-    from transformers import Qwen2_5_VLModel
-
-    params = inspect.signature(Qwen2_5_VLModel.forward).parameters
-    problems = []
-    if "mm_encoder_outputs" not in params:
-        problems.append("Qwen2_5_VLModel.forward has no `mm_encoder_outputs` (vlreason hands the vision "
-                        "tower's outputs to the model instead of re-encoding images per completion)")
-    if "cache" not in params and prefix_sampler_passes_cache():
-        problems.append("Qwen2_5_VLModel.forward names its KV cache `past_key_values`, not `cache` "
-                        "(vlreason/rollout/prefix.py passes `cache=` and reads `out.cache`)")
-    if problems:
-        problems.append(f"installed: transformers {transformers.__version__} at {transformers.__file__}; "
-                        "tested: 5.24.0. benchmarks/gpu.sh puts the wheels in .whl/ first on PYTHONPATH "
-                        "(see benchmarks/README.md)")
-    return problems
-
-
-def prefix_sampler_passes_cache() -> bool:
-    """Whether the default sampler (shared-prefix decode) calls the model with ``cache=``."""
-    try:
-        import vlreason.rollout.prefix as prefix
-        from vlreason.rollout.generate import SamplingConfig
-    except ImportError:
-        return False
-    return bool(getattr(SamplingConfig(), "share_prefix", False)) and "cache=" in inspect.getsource(prefix)
-
-
-# ---------------------------------------------------------------------------- building
-
-
-def build_processor(image_pixels: int):
-    """vlreason's offline tokenizer + the family's real processor classes."""
-    from vlreason.models.families import get_family
-    from vlreason.models.tiny import CHAT_TEMPLATE, TinySpec, build_tokenizer
-
-    tokenizer = build_tokenizer(1024)
-    spec = TinySpec(min_pixels=56 * 56, max_pixels=max(image_pixels, 56 * 56))
-    return get_family("qwen2_5_vl").build_processor(tokenizer, spec, CHAT_TEMPLATE)
-
-
-def build_config(processor, smoke: bool):
-    from transformers import Qwen2_5_VLConfig
-
-    from vlreason.models.tiny import SPECIAL_TOKENS
-
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(SMOKE_TEXT if smoke else QWEN25_VL_3B_TEXT)
-    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                tie_word_embeddings=True)
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(SMOKE_VISION if smoke else QWEN25_VL_3B_VISION),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-
-
-def build_model(config, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random weights, created on ``device`` directly (no CPU copy of 3.75 B parameters)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device)
-
-
-def synthetic_rows(count: int, side: int, seed: int) -> list[dict[str, Any]]:
-    """Canonical rows: one ``side`` x ``side`` picture of a coloured shape, a question, an answer."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-    rows = []
-    for i in range(count):
-        name = rng.choice(list(colours))
-        img = Image.new("RGB", (side, side), tuple(rng.randint(0, 255) for _ in range(3)))
-        x0, y0 = rng.randint(0, side // 2), rng.randint(0, side // 2)
-        ImageDraw.Draw(img).ellipse([x0, y0, x0 + side // 3, y0 + side // 3], fill=colours[name])
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        rows.append({"id": f"gpu-{i}", "images": [buf.getvalue()], "question": "What colour is the shape?",
-                     "answer": name, "source": "synthetic/color", "choices": [], "boxes": [], "meta": "{}"})
-    return rows
-
-
-class NoEnd:
-    """Forward hook on the LM head: end-of-turn ids get -inf, so sampling never stops early."""
-
-    def __init__(self, lm_head: torch.nn.Module, end_ids: list[int]):
-        self.end_ids = torch.tensor(end_ids)
-        self.handle = lm_head.register_forward_hook(self.hook)
-
-    def hook(self, module, args, output):
-        output[..., self.end_ids.to(output.device)] = float("-inf")
-        return output
-
-
-class VisionCounter:
-    """Images (rows of ``grid_thw``) the vision tower encoded, by pass."""
-
-    def __init__(self, policy_model, reference_model=None):
-        self.counts: dict[str, int] = {}
-        self.patch_rows: dict[str, int] = {}
-        policy_model.model.visual.register_forward_hook(self.hook("policy"), with_kwargs=True)
-        if reference_model is not None:
-            reference_model.model.visual.register_forward_hook(self.hook("reference"), with_kwargs=True)
-
-    def hook(self, role):
-        def fn(module, args, kwargs, output):
-            grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
-            name = "reference" if role == "reference" else ("update" if torch.is_grad_enabled() else "rollout")
-            self.counts[name] = self.counts.get(name, 0) + (int(grid.shape[0]) if grid is not None else 0)
-            rows = int(grid.prod(-1).sum()) if grid is not None else 0
-            self.patch_rows[name] = self.patch_rows.get(name, 0) + rows
-
-        return fn
-
-    def pop(self) -> tuple[dict[str, int], dict[str, int]]:
-        out = (self.counts, self.patch_rows)
-        self.counts, self.patch_rows = {}, {}
-        return out
 
 
 # ---------------------------------------------------------------------------- the run
@@ -253,25 +115,63 @@ def default_peak_tflops(device: torch.device) -> tuple[float | None, str]:
 
 
 def run(args) -> dict[str, Any]:
-    from vlreason.data.stream import RowStream
-    from vlreason.models.families import get_family
-    from vlreason.models.policy import Policy, RolloutConfig
-    from vlreason.rollout.generate import end_token_ids
-    from vlreason.train.grpo import GRPOConfig, GRPOPhases
-    from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
-    from vlreason.train.metrics import StepTimer
-    from vlreason.views.budget import PixelBudget
+    """Build, measure ``--warmup`` + ``--steps`` steps (or until ``--time-limit``), report."""
+    bench = setup(args)
+    bench.model.train()
+    records = measure(bench, args)
+    return report(bench, args, records)
 
+
+# ---------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Bench:
+    """What a measured step needs, built by ``setup``."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: Shape
+    model: Any
+    trainer: Any
+    vision: VisionCounter
+    tokens: dict[str, int]  # the step's prompt / completion tokens (filled by TokenCountingRecipe)
+    phase_peaks: dict[str, dict[str, float]]  # peak memory around rollout and reference calls
+    params: int
+    vision_params: int
+    peak_tflops: float | None
+    peak_note: str
+    t_start: float
+    t_built: float
+
+
+def setup(args) -> Bench:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = Shape(args.num_generations, args.max_new_tokens, args.prompts, args.micro_prompts,
                   args.image_side, args.beta, args.grad_ckpt)
-    pixels = shape.image_side * shape.image_side
-    processor = build_processor(pixels)
-    config = build_config(processor, args.smoke)
-    family = get_family("qwen2_5_vl")
-    model = build_model(config, device, dtype, args.seed)
+    processor = build_processor(shape.image_side * shape.image_side)
+    model, reference = build_models(build_config(processor, args.smoke), shape, device, dtype, args.seed)
+    t_built = time.perf_counter()
+    policy = build_policy(args, shape, processor, model, reference)
+    vision = VisionCounter(model, reference)
+    phases = build_phases(args, shape, policy)
+    phase_peaks = track_phase_peaks(policy, device, shape.beta > 0)
+    tokens: dict[str, int] = {}
+    trainer = build_trainer(args, TokenCountingRecipe(phases, model, tokens, device))
+    peak_tflops, peak_note = (args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}") if args.peak_tflops \
+        else default_peak_tflops(device)
+    return Bench(device=device, dtype=dtype, shape=shape, model=model, trainer=trainer, vision=vision,
+                 tokens=tokens, phase_peaks=phase_peaks,
+                 params=sum(p.numel() for p in model.parameters()),  # unique tensors: tied embedding once
+                 vision_params=sum(p.numel() for p in model.model.visual.parameters()),
+                 peak_tflops=peak_tflops, peak_note=peak_note, t_start=t_start, t_built=t_built)
+
+
+def build_models(config, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int):
+    """The policy model and, when beta > 0, its frozen reference copy."""
+    model = build_model(config, device, dtype, seed)
     if shape.grad_ckpt:  # as vlreason.models.loading does for model.gradient_checkpointing=true
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -280,8 +180,18 @@ def run(args) -> dict[str, Any]:
         reference = copy.deepcopy(model)
         reference.requires_grad_(False)
         reference.eval()
-    t_built = time.perf_counter()
+    return model, reference
 
+
+def build_policy(args, shape: Shape, processor, model, reference):
+    """vlreason's ``Policy`` over the built models; end-of-turn suppressed during sampling."""
+    from vlreason.models.families import get_family
+    from vlreason.models.policy import Policy, RolloutConfig
+    from vlreason.rollout.generate import end_token_ids
+    from vlreason.views.budget import PixelBudget
+
+    family = get_family("qwen2_5_vl")
+    pixels = shape.image_side * shape.image_side
     rollout = RolloutConfig(num_generations=shape.num_generations, max_new_tokens=shape.max_new_tokens,
                             min_pixels=56 * 56, max_pixels=pixels, temperature=1.0, top_p=1.0, top_k=0)
     rollout.prompt.max_prompt_tokens = 8192
@@ -291,15 +201,22 @@ def run(args) -> dict[str, Any]:
                     budget=PixelBudget(min_pixels=56 * 56, max_pixels=pixels, factor=family.factor),
                     rollout=rollout, reference=reference, has_reference=shape.beta > 0)
     NoEnd(family.lm_head(model), end_token_ids(processor))
-    vision = VisionCounter(model, reference)
+    return policy
+
+
+def build_phases(args, shape: Shape, policy):
+    from vlreason.data.stream import RowStream
+    from vlreason.train.grpo import GRPOConfig, GRPOPhases
 
     rows = synthetic_rows(64, shape.image_side, args.seed)
-    phases = GRPOPhases(GRPOConfig(prompts_per_step=shape.prompts_per_step,
-                                   micro_batch_prompts=shape.micro_batch_prompts, kl_coef=shape.beta,
-                                   reward="format"),
-                        policy, RowStream(rows, seed=args.seed), args.seed)
+    return GRPOPhases(GRPOConfig(prompts_per_step=shape.prompts_per_step,
+                                 micro_batch_prompts=shape.micro_batch_prompts, kl_coef=shape.beta,
+                                 reward="format"),
+                      policy, RowStream(rows, seed=args.seed), args.seed)
 
-    # Per-phase peak memory: around the policy's rollout and reference calls.
+
+def track_phase_peaks(policy, device: torch.device, reference: bool) -> dict[str, dict[str, float]]:
+    """Per-phase peak memory: wraps the policy's rollout (and reference) calls; filled per call."""
     phase_peaks: dict[str, dict[str, float]] = {}
 
     def with_peak(name, fn):
@@ -315,99 +232,124 @@ def run(args) -> dict[str, Any]:
         return wrapper
 
     policy.sample = with_peak("rollout", policy.sample)
-    if shape.beta > 0:
+    if reference:
         policy.reference_logprobs = with_peak("reference", policy.reference_logprobs)
+    return phase_peaks
 
-    tokens: dict[str, int] = {}
 
-    class Recipe:  # the loop interface, wired as recipes/grpo.py does
-        def __init__(self):
-            self.model = model
+class TokenCountingRecipe(PhasesRecipe):
+    """The loop's recipe interface; ``prepare`` also counts the step's tokens into ``tokens``
+    and resets the peak-memory counter (what follows is the update)."""
 
-        def prepare(self, step, timer):
-            micro, metrics = phases.prepare(step, timer)
-            tokens.clear()
-            for mb in micro:
-                group = mb.group_ids_N.to(mb.prompts.attention_mask_PT.device)
-                prompt = int(mb.prompts.attention_mask_PT[group].sum())
-                completion = int(mb.completion_mask_NT.sum())
-                tokens["prompt"] = tokens.get("prompt", 0) + prompt
-                tokens["completion"] = tokens.get("completion", 0) + completion
-                tokens["sequences"] = tokens.get("sequences", 0) + mb.num_completions
-                tokens["completion_min"] = min(tokens.get("completion_min", 1 << 30),
-                                               int(mb.completion_mask_NT.sum(-1).min()))
-            reset_peak(device)  # what follows is the update
-            return micro, metrics
+    def __init__(self, phases, model, tokens: dict[str, int], device: torch.device):
+        super().__init__(phases, model)
+        self.tokens = tokens
+        self.device = device
 
-        def step(self, micro_batch):
-            return phases.loss(micro_batch)
+    def prepare(self, step, timer):
+        micro, metrics = self.phases.prepare(step, timer)
+        tokens = self.tokens
+        tokens.clear()
+        for mb in micro:
+            group = mb.group_ids_N.to(mb.prompts.attention_mask_PT.device)
+            prompt = int(mb.prompts.attention_mask_PT[group].sum())
+            completion = int(mb.completion_mask_NT.sum())
+            tokens["prompt"] = tokens.get("prompt", 0) + prompt
+            tokens["completion"] = tokens.get("completion", 0) + completion
+            tokens["sequences"] = tokens.get("sequences", 0) + mb.num_completions
+            tokens["completion_min"] = min(tokens.get("completion_min", 1 << 30),
+                                           int(mb.completion_mask_NT.sum(-1).min()))
+        reset_peak(self.device)  # what follows is the update
+        return micro, metrics
 
-        def after_update(self, step):
-            pass
 
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
+def build_trainer(args, recipe):
+    from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 
     loop = LoopConfig(output_dir=os.environ.get("TMPDIR", "/tmp") + "/vlreason_gpu_bench", seed=args.seed,
                       max_steps=args.warmup + args.steps, trackers=[], progress=False,
                       optim=OptimConfig(lr=1e-6, weight_decay=0.0, schedule="constant", max_grad_norm=1.0))
-    trainer = Trainer(loop, Recipe())
-    n_params = sum(p.numel() for p in model.parameters())  # unique tensors: tied embedding once
-    n_vision = sum(p.numel() for p in model.model.visual.parameters())
-    n_trainable = sum(p.numel() for p in trainer.params)
-    peak_tflops, peak_note = (args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}") if args.peak_tflops \
-        else default_peak_tflops(device)
+    return Trainer(loop, recipe)
 
-    model.train()
-    timer = StepTimer(synchronize=device.type == "cuda")
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def measure(bench: Bench, args) -> list[dict[str, Any]]:
+    """Warm-up and measured steps; stops early when another step would pass ``--time-limit``."""
+    from vlreason.train.metrics import StepTimer
+
+    timer = StepTimer(synchronize=bench.device.type == "cuda")
     records = []
-    deadline = t_start + args.time_limit
+    deadline = bench.t_start + args.time_limit
     for i in range(args.warmup + args.steps):
         if i > args.warmup and records and time.perf_counter() + records[-1]["step_s"] * 1.1 > deadline:
             print(f"stopping after {i - args.warmup} measured step(s): --time-limit {args.time_limit:g} s",
                   flush=True)
             break
-        reset_peak(device)
-        phase_peaks.clear()
-        vision.pop()
-        timer.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        metrics = trainer.train_step(timer)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        update_peak = peak_memory(device)
-        times = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
-        update_tokens = tokens["prompt"] + tokens["completion"]
-        images, patch_rows = vision.pop()
-        # Finer count: language-model parameters over text tokens, vision tower over the
-        # patch rows it actually encoded in the update pass.
-        split_flops = 6 * ((n_params - n_vision) * update_tokens + n_vision * patch_rows.get("update", 0))
-        rec = {
-            "warmup": i < args.warmup,
-            "step_s": seconds,
-            "phases_s": times,
-            "tokens": dict(tokens),
-            "rollout_tokens_per_s": tokens["completion"] / times["rollout"],
-            "update_tokens_per_s": update_tokens / times["update"],
-            "update_completion_tokens_per_s": tokens["completion"] / times["update"],
-            "update_mfu": (6 * n_params * update_tokens / times["update"] / (peak_tflops * 1e12)
-                           if peak_tflops else None),
-            "update_mfu_split": (split_flops / times["update"] / (peak_tflops * 1e12) if peak_tflops else None),
-            "memory": {**phase_peaks, "update": update_peak},
-            "images_encoded": images,
-            "patch_rows_encoded": patch_rows,
-            "loss": metrics.get("loss"),
-            "kl": metrics.get("kl"),
-        }
+        seconds, metrics, update_peak = time_step(bench, timer)
+        rec = step_record(bench, i < args.warmup, seconds, metrics, update_peak)
         records.append(rec)
+        times, tokens = rec["phases_s"], rec["tokens"]
         print(f"step {i + 1}{' (warm-up)' if rec['warmup'] else ''}: {seconds:.1f} s "
               f"(rollout {times.get('rollout', 0):.1f}, reference {times.get('reference', 0):.1f}, "
               f"update {times.get('update', 0):.1f}), completion tokens {tokens['completion']}", flush=True)
+    return records
 
+
+def time_step(bench: Bench, timer) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """One ``Trainer.train_step``: wall seconds, its metrics, the update's peak memory."""
+    device = bench.device
+    reset_peak(device)
+    bench.phase_peaks.clear()
+    bench.vision.pop()
+    timer.reset()
+    sync(device)
+    t0 = time.perf_counter()
+    metrics = bench.trainer.train_step(timer)
+    sync(device)
+    return time.perf_counter() - t0, metrics, peak_memory(device)
+
+
+def step_record(bench: Bench, warmup: bool, seconds: float, metrics: dict[str, Any],
+                update_peak: dict[str, float]) -> dict[str, Any]:
+    """Throughput and MFU of one step, from its phase times and token counts."""
+    tokens = bench.tokens
+    times = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
+    update_tokens = tokens["prompt"] + tokens["completion"]
+    images, patch_rows = bench.vision.pop()
+    # Finer count: language-model parameters over text tokens, vision tower over the
+    # patch rows it actually encoded in the update pass.
+    split_flops = 6 * ((bench.params - bench.vision_params) * update_tokens
+                       + bench.vision_params * patch_rows.get("update", 0))
+    return {
+        "warmup": warmup,
+        "step_s": seconds,
+        "phases_s": times,
+        "tokens": dict(tokens),
+        "rollout_tokens_per_s": tokens["completion"] / times["rollout"],
+        "update_tokens_per_s": update_tokens / times["update"],
+        "update_completion_tokens_per_s": tokens["completion"] / times["update"],
+        "update_mfu": mfu(6 * bench.params * update_tokens, times["update"], bench.peak_tflops),
+        "update_mfu_split": mfu(split_flops, times["update"], bench.peak_tflops),
+        "memory": {**bench.phase_peaks, "update": update_peak},
+        "images_encoded": images,
+        "patch_rows_encoded": patch_rows,
+        "loss": metrics.get("loss"),
+        "kl": metrics.get("kl"),
+    }
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:
+    """Model FLOP utilisation: ``flops / seconds / peak`` (None without a peak)."""
+    return flops / seconds / (peak_tflops * 1e12) if peak_tflops else None
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the measured steps (all steps when none was measured); memory: the largest."""
     measured = [r for r in records if not r["warmup"]] or records
 
     def med(fn):
@@ -416,7 +358,7 @@ def run(args) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     mem_keys = sorted({(ph, k) for r in measured for ph, d in r["memory"].items() for k in d})
-    summary = {
+    return {
         "step_s": med(lambda r: r["step_s"]),
         "phases_s": {k: med(lambda r, k=k: r["phases_s"].get(k)) for k in ("rollout", "reward", "reference", "update")},
         "rollout_tokens_per_s": med(lambda r: r["rollout_tokens_per_s"]),
@@ -430,28 +372,32 @@ def run(args) -> dict[str, Any]:
         "completion_len_min": min(r["tokens"]["completion_min"] for r in measured),
         "measured_steps": len([r for r in records if not r["warmup"]]),
     }
+
+
+def report(bench: Bench, args, records: list[dict[str, Any]]) -> dict[str, Any]:
     import transformers
 
+    device = bench.device
     return {
         "benchmark": "vlreason GRPO step, Qwen2.5-VL-3B shape, random weights (benchmarks/gpu_bench.py)",
         "smoke": args.smoke,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(bench.dtype).replace("torch.", ""),
         "attention": "sdpa",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "shape": vars(shape),
-        "params": n_params,
-        "vision_params": n_vision,
-        "trainable_params": n_trainable,
-        "peak_tflops": peak_tflops,
-        "peak_note": peak_note,
+        "shape": vars(bench.shape),
+        "params": bench.params,
+        "vision_params": bench.vision_params,
+        "trainable_params": sum(p.numel() for p in bench.trainer.params),
+        "peak_tflops": bench.peak_tflops,
+        "peak_note": bench.peak_note,
         "mfu_formula": "6 * params * (prompt + completion tokens of the update) / update time / peak; "
                        "no attention FLOPs, no gradient-checkpointing recompute. update_mfu_split: "
                        "6 * (LM params * tokens + vision params * patch rows encoded) instead",
-        "build_s": t_built - t_start,
-        "wall_s": time.perf_counter() - t_start,
-        "summary": summary,
+        "build_s": bench.t_built - bench.t_start,
+        "wall_s": time.perf_counter() - bench.t_start,
+        "summary": summarise(records),
         "records": records,
     }
 

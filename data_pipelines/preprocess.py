@@ -303,7 +303,8 @@ def _publish(rows_file: Path, report: Report, staging: Path, out: Path) -> None:
     with _quiet_datasets():
         save_canonical(datasets.Dataset.from_file(str(rows_file)), staging)
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-    (staging / REPORT_NAME).write_text(text + "\n", encoding="utf-8")
+    # A lone surrogate (from a hostile row) is written as its JSON escape, not a crash.
+    (staging / REPORT_NAME).write_bytes((text + "\n").encode("utf-8", "backslashreplace"))
     if out.is_dir() and not out.is_symlink():
         out.rename(staging.parent / "replaced")  # removed with the rest of the work folder
     elif out.exists() or out.is_symlink():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines.report import PreprocessError, RawRow, Rejection
@@ -29,6 +30,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".
 
 # Rejection reasons given while reading.
 INVALID_JSON = "invalid JSON"
+INVALID_CSV = "invalid CSV"
 NO_LABEL = "image without label"
 
 _CSV_JSON_COLUMNS = ("choices", "options", "boxes", "meta")
@@ -162,6 +164,12 @@ def read_jsonl(path: Path) -> Iterator[RawRow | Rejection]:
             except UnicodeDecodeError:
                 yield Rejection(line_no, None, None, INVALID_JSON, "the line is not UTF-8 text")
                 continue
+            except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+                yield Rejection(line_no, None, None, INVALID_JSON, str(err)[:200])
+                continue
+            except RecursionError:
+                yield Rejection(line_no, None, None, INVALID_JSON, "nested too deeply")
+                continue
             if isinstance(fields, dict):
                 yield RawRow(line_no, fields)
             else:
@@ -214,8 +222,19 @@ def _parquet_batches(path: Path) -> tuple[list[str], int, Iterator[list[dict]]]:
         opened = [pq.ParquetFile(f) for f in files]
     except Exception as err:  # pyarrow raises several types for a non-parquet file
         raise PreprocessError(f"cannot read parquet {path}: {err}") from err
-    batches = (b.to_pylist() for f in opened for b in f.iter_batches(batch_size=_BATCH_ROWS))
+    batches = _checked_batches(
+        path, (b.to_pylist() for f in opened for b in f.iter_batches(batch_size=_BATCH_ROWS))
+    )
     return opened[0].schema_arrow.names, sum(f.metadata.num_rows for f in opened), batches
+
+
+def _checked_batches(path: Path, batches: Iterator[list[dict]]) -> Iterator[list[dict]]:
+    """``batches``, with a read error in the middle of a file (a corrupt page) turned into
+    a PreprocessError: no output is published for a source that cannot be read whole."""
+    try:
+        yield from batches
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise PreprocessError(f"cannot read parquet {path}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- folder
@@ -270,7 +289,10 @@ def _file_as_image(raw: RawRow) -> RawRow:
 def _read_labels_csv(path: Path) -> Iterator[RawRow | Rejection]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        for row in reader:
+        for row in _csv_rows(reader):
+            if isinstance(row, Rejection):
+                yield row
+                continue
             fields: dict[str, Any] = {k: v for k, v in row.items() if k and v not in (None, "")}
             try:
                 for column in _CSV_JSON_COLUMNS:
@@ -286,6 +308,21 @@ def _read_labels_csv(path: Path) -> Iterator[RawRow | Rejection]:
                 )
                 continue
             yield RawRow(reader.line_num, fields)
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[dict[str, Any] | Rejection]:
+    """The rows of ``reader``; a row csv cannot parse (e.g. a cell over its field size
+    limit) becomes a Rejection and reading goes on with the next line."""
+    while True:
+        before = reader.line_num
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            yield Rejection(reader.line_num, None, None, INVALID_CSV, str(err)[:200])
+            if reader.line_num == before:  # no progress: stop rather than loop
+                return
 
 
 def _read_labels_json(path: Path) -> Iterator[RawRow | Rejection]:

@@ -99,10 +99,20 @@ def _first(fields: dict[str, Any], *keys: str) -> Any:
     return next((fields[k] for k in keys if fields.get(k) is not None), None)
 
 
+def _utf8(value: str, name: str) -> str:
+    """``value`` if it can be written as UTF-8 (no lone surrogates, which JSON's ``\\ud800``
+    escapes produce), else a Reject: Arrow and report.json could not store it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise Reject(INVALID_FIELD, f"`{name}` is not valid Unicode text: {err.reason}") from err
+    return value
+
+
 def _text(value: Any, name: str) -> str | None:
     """A non-blank string (numbers are written as text), or None when absent or blank."""
     if value is None or isinstance(value, str):
-        return value if value and value.strip() else None
+        return _utf8(value, name) if value and value.strip() else None
     if isinstance(value, (int, float)):
         return str(value)
     raise Reject(INVALID_FIELD, f"`{name}` must be text, got {type(value).__name__}")
@@ -111,9 +121,17 @@ def _text(value: Any, name: str) -> str | None:
 def _row_id(value: Any, default: str) -> str:
     if value is None or value == "":
         return default
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
+    if isinstance(value, str):
+        return _utf8(value, "id")
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise Reject(INVALID_FIELD, f"`id` must be a string or integer, got {value!r}")
+    raise Reject(INVALID_FIELD, f"`id` must be a string or integer, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 200 characters, for a report detail (hostile rows are huge)."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
 def _answer_and_solution(fields: dict[str, Any]) -> tuple[str, str]:
@@ -121,7 +139,10 @@ def _answer_and_solution(fields: dict[str, Any]) -> tuple[str, str]:
     answer = _text(fields.get("answer"), "answer")
     solution = _text(fields.get("solution"), "solution")
     if answer is None and solution is not None:
-        tagged = _ANSWER_TAG.findall(solution)
+        # Only up to the last closing tag: after it no block can close, and scanning there
+        # from every unclosed <answer> is quadratic in a hostile solution.
+        end = solution.rfind("</answer>")
+        tagged = _ANSWER_TAG.findall(solution[: end + len("</answer>")]) if end >= 0 else []
         answer, solution = (tagged[-1].strip(), solution) if tagged else (solution, None)
     if not answer:
         raise Reject(MISSING_ANSWER, "no `answer` (or `solution`) text")
@@ -140,7 +161,13 @@ def _check_placeholders(question: str, num_images: int) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that fits a float (``math.isfinite(10**400)`` raises)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _boxes(value: Any) -> list[list[float]]:
@@ -149,12 +176,12 @@ def _boxes(value: Any) -> list[list[float]]:
         return []
     if not isinstance(value, list):
         raise Reject(
-            BOX_NOT_4_NUMBERS, f"`boxes` must be a list of [x0, y0, x1, y1], got {value!r}"
+            BOX_NOT_4_NUMBERS, f"`boxes` must be a list of [x0, y0, x1, y1], got {_short(value)}"
         )
     boxes = [value] if len(value) == 4 and all(map(_is_number, value)) else value
     for box in boxes:
         if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
-            raise Reject(BOX_NOT_4_NUMBERS, f"{box!r} is not [x0, y0, x1, y1]")
+            raise Reject(BOX_NOT_4_NUMBERS, f"{_short(box)} is not [x0, y0, x1, y1]")
         if box[2] <= box[0] or box[3] <= box[1]:
             raise Reject(BOX_INVERTED, f"{box}: needs x0 < x1 and y0 < y1")
     return [[float(v) for v in box] for box in boxes]
@@ -174,8 +201,8 @@ def _choices(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, list) and all(isinstance(c, (str, int, float)) for c in value):
-        return [str(c) for c in value]
-    raise Reject(INVALID_FIELD, f"`choices` must be a list of strings, got {value!r}")
+        return [_utf8(str(c), "choices") for c in value]
+    raise Reject(INVALID_FIELD, f"`choices` must be a list of strings, got {_short(value)}")
 
 
 def _meta(value: Any) -> dict[str, Any]:
@@ -188,7 +215,11 @@ def _meta(value: Any) -> dict[str, Any]:
         except ValueError as err:
             raise Reject(INVALID_FIELD, f"`meta` is not valid JSON: {err}") from err
     if not isinstance(value, dict):
-        raise Reject(INVALID_FIELD, f"`meta` must be a JSON object, got {value!r}")
+        raise Reject(INVALID_FIELD, f"`meta` must be a JSON object, got {_short(value)}")
+    try:
+        _utf8(json.dumps(value, ensure_ascii=False, sort_keys=True), "meta")
+    except (TypeError, ValueError, RecursionError) as err:  # e.g. non-string keys mixed
+        raise Reject(INVALID_FIELD, f"`meta` cannot be stored as JSON: {err}") from err
     return value
 
 
@@ -203,13 +234,17 @@ def _image_references(fields: dict[str, Any], root: Path) -> list[tuple[str | No
 
 def _image_reference(value: Any, root: Path) -> tuple[str | None, bytes | Path]:
     if isinstance(value, dict):  # datasets.Image storage: {"bytes": ..., "path": ...}
-        if value.get("bytes"):
-            return value.get("path"), value["bytes"]
-        value = value.get("path")
+        data, path = value.get("bytes"), value.get("path")
+        name = _utf8(path, "image path") if isinstance(path, str) else None
+        if isinstance(data, (bytes, bytearray)) and data:
+            return name, bytes(data)
+        if data:  # a string here must not be read as a file path
+            raise Reject(INVALID_FIELD, f"image `bytes` must be bytes, got {type(data).__name__}")
+        value = path
     if isinstance(value, (bytes, bytearray)) and value:
         return None, bytes(value)
     if isinstance(value, str) and value:
-        return value, _inside(root, value)
+        return value, _inside(root, _utf8(value, "image path"))
     if value is None or value in ("", b""):
         raise Reject(MISSING_IMAGE, "empty image entry")
     raise Reject(INVALID_FIELD, f"an image must be a path or bytes, got {type(value).__name__}")
@@ -217,9 +252,14 @@ def _image_reference(value: Any, root: Path) -> tuple[str | None, bytes | Path]:
 
 def _inside(root: Path, relative: str) -> Path:
     """``root / relative`` with symlinks resolved; rejected unless it stays within ``root``."""
+    if "\x00" in relative:
+        raise Reject(INVALID_FIELD, "NUL byte in the image path", repr(relative)[:200])
     if Path(relative).is_absolute():
         raise Reject(PATH_OUTSIDE_ROOT, f"absolute path; paths are relative to {root}", relative)
-    resolved = (root / relative).resolve()
+    try:
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError) as err:  # name too long, symlink loop
+        raise Reject(MISSING_IMAGE, f"cannot resolve: {err}"[:300], relative[:200]) from err
     if not resolved.is_relative_to(root):
         raise Reject(PATH_OUTSIDE_ROOT, f"resolves to {resolved}, outside {root}", relative)
     return resolved

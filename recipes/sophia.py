@@ -12,14 +12,19 @@ chat-completions server, or a ``module:factory`` of your own). One step:
    ``sophia.caption_prompt``, a prompt that does NOT show the question or its choices;
 2. reasoning (``time/reasoner``): for each caption the reasoner writes
    ``sophia.num_solutions`` (N) solutions from ``sophia.solution_template`` (caption +
-   question + choices);
+   question + choices; ``<image>`` markers removed), each normalised to the target
+   ``<think>...</think><answer>...</answer>`` format (``vlreason.reasoners.normalise_solution``:
+   QwQ-32B / R1 templates open ``<think>`` in the prompt, so the text only closes it);
 3. rewards: R(y) in {0, 1} (``sophia.reward``: ``accuracy``, the ``<answer>`` block must
    match the row's answer; or ``hard``, strict ``<think></think><answer></answer>`` format
    AND correct); the caption reward R(c) = mean of R(y) over its N solutions;
 4. selection (:func:`select_solutions`): a solution is kept only if R(c) >
-   ``sophia.threshold`` (0.75), it is correct, and it is the shortest such solution
-   (policy tokenizer tokens; ties: first caption, then first solution) of its row: at
-   most one kept solution per row;
+   ``sophia.threshold`` (0.75), it is correct, it has the strict format (an answer-only
+   solution is scored but never kept: ``sophia/kept_malformed``), it fits
+   ``sophia.max_target_tokens`` whole (longer ones are rejected, never cut:
+   ``sophia/kept_too_long``), and it is the shortest such solution (policy tokenizer
+   tokens; ties: first caption, then first solution) of its row: at most one kept
+   solution per row;
 5. update (``time/update``): off-policy policy gradient on the ORIGINAL (image, question)
    prompt -> kept solution with importance ratio 1, no clipping, no KL, advantage 1
    (``vlreason.algorithms.policy_gradient_loss``), i.e. the supervised NLL of the kept
@@ -41,7 +46,9 @@ gradients, so weight decay still applies there).
 Logged: ``loss``, ``nll``, ``sophia/kept_rows`` (rows with a kept solution this step),
 ``sophia/kept_frac``, ``sophia/kept_rows_total``, ``sophia/caption_reward`` (mean R(c)),
 ``sophia/captions_above_threshold``, ``sophia/solution_acc`` (mean R(y)),
-``sophia/kept_tokens``, ``caption_len``, ``data/skipped_rows``, ``time/*``.
+``sophia/kept_tokens``, ``sophia/kept_too_long``, ``sophia/kept_malformed``,
+``sophia/solution_format`` (fraction of solutions in the strict format), ``caption_len``,
+``data/skipped_rows``, ``time/*``.
 
 Embedded default: the warm tiny VLM (assets/warm-tiny) and, as reasoner, a tiny RANDOM
 text LM built offline into the vlreason cache: its solutions are noise and almost never
@@ -53,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,14 +70,22 @@ import torch
 
 from vlreason.algorithms import policy_gradient_loss
 from vlreason.config import doc
+from vlreason.data.schema import IMAGE_PLACEHOLDER
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
-from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
+from vlreason.reasoners import (
+    Reasoner,
+    ReasonerConfig,
+    build_reasoner,
+    normalise_solution,
+    think_left_open,
+)
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rewards import accuracy_reward, hard_format_and_correct
+from vlreason.rewards.format import is_strict_format
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.generate import SamplingConfig
 from vlreason.rollout.prompts import build_prompt_batch, tokenize_targets
@@ -108,7 +124,9 @@ class SophiaConfig:
     reward: str = doc("accuracy (the <answer> block matches the answer) | hard (strict "
                       "<think></think><answer></answer> format and correct).", "accuracy")
     threshold: float = doc("Keep solutions only of captions whose reward R(c) is strictly above this.", 0.75)
-    max_target_tokens: int = doc("Kept solutions are cut to this many tokens for the update.", 512)
+    max_target_tokens: int = doc("Longest kept solution, in VLM tokens with the end-of-turn token; a "
+                                 "longer one is rejected, never cut (sophia/kept_too_long). Keep it above "
+                                 "solution_max_new_tokens for long reasoners.", 512)
 
     def validate(self) -> None:
         if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
@@ -152,33 +170,45 @@ def format_choices(choices: list[str] | None) -> str:
     return "".join(f"{chr(65 + i)}. {c}\n" for i, c in enumerate(choices or []))
 
 
+_PLACEHOLDER = re.compile(r"[ \t]*" + re.escape(IMAGE_PLACEHOLDER) + r"[ \t]*")
+
+
+def reasoner_question(question: str) -> str:
+    """The question as the reasoner sees it: it gets no images, so no image markers."""
+    return _PLACEHOLDER.sub(" ", question).strip()
+
+
 @dataclass
 class Selection:
-    """One row's outcome: caption rewards R(c), the kept solution (or None) and where it came from."""
+    """One row's outcome: caption rewards R(c), the kept solution (or None) and where it came
+    from; ``rejected`` says why a row that had correct solutions under a good caption kept
+    none: ``malformed`` (none in the target format) or ``too_long`` (the shortest well-formed
+    one is over the length limit, so every one is)."""
     caption_rewards: list[float]
     kept: str | None
     kept_caption: int | None = None
     kept_solution: int | None = None
+    rejected: str | None = None
 
 
 def select_solutions(rewards: list[list[float]], solutions: list[list[str]], *, threshold: float,
-                     length=len) -> Selection:
+                     length=len, well_formed=lambda text: True, max_length: int | None = None) -> Selection:
     """SOPHIA's selection for one row: ``rewards[k][j]`` / ``solutions[k][j]`` of caption k.
 
     R(c_k) = mean_j rewards[k][j]; keep the shortest (by ``length``) solution that is
-    correct (reward 1) under a caption with R(c) > threshold; ties go to the earlier
-    caption, then the earlier solution. At most one kept solution."""
+    correct (reward 1) under a caption with R(c) > threshold, ``well_formed`` and at most
+    ``max_length`` long; ties go to the earlier caption, then the earlier solution. At most
+    one kept solution. Malformed or over-long candidates are never kept, not even cut."""
     caption_rewards = [sum(r) / len(r) if r else 0.0 for r in rewards]
-    best: tuple[int, int, int] | None = None
-    for k, (rs, sols) in enumerate(zip(rewards, solutions)):
-        if not caption_rewards[k] > threshold:
-            continue
-        for j, (r, text) in enumerate(zip(rs, sols)):
-            if r >= 1.0 and (best is None or length(text) < best[0]):
-                best = (length(text), k, j)
-    if best is None:
-        return Selection(caption_rewards, None)
-    return Selection(caption_rewards, solutions[best[1]][best[2]], best[1], best[2])
+    candidates = [(k, j, text) for k, (rs, sols) in enumerate(zip(rewards, solutions))
+                  if caption_rewards[k] > threshold for j, (r, text) in enumerate(zip(rs, sols)) if r >= 1.0]
+    formed = [(length(text), k, j) for k, j, text in candidates if well_formed(text)]
+    fits = [c for c in formed if max_length is None or c[0] <= max_length]
+    if not fits:
+        rejected = None if not candidates else "too_long" if formed else "malformed"
+        return Selection(caption_rewards, None, rejected=rejected)
+    _, k, j = min(fits)
+    return Selection(caption_rewards, solutions[k][j], k, j)
 
 
 @register_recipe("sophia")
@@ -195,6 +225,12 @@ class SophiaRecipe(Recipe):
         self.policy = load_policy(cfg)
         self.model = self.policy.model
         self.reasoner: Reasoner = build_reasoner(cfg.reasoner)
+        if cfg.sophia.max_target_tokens <= cfg.sophia.solution_max_new_tokens:
+            log.warning("sophia.max_target_tokens=%d <= sophia.solution_max_new_tokens=%d: kept solutions "
+                        "longer than %d VLM tokens are rejected (sophia/kept_too_long), not trained on; "
+                        "raise sophia.max_target_tokens to train on long solutions",
+                        cfg.sophia.max_target_tokens, cfg.sophia.solution_max_new_tokens,
+                        cfg.sophia.max_target_tokens - 1)
         self.reward_fn = REWARDS[cfg.sophia.reward]
         self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
         self.skipped_rows = 0
@@ -248,7 +284,7 @@ class SophiaRecipe(Recipe):
 
     def solution_prompt(self, row: dict[str, Any], caption: str) -> str:
         return self.cfg.sophia.solution_template.format(
-            caption=caption or "(empty description)", question=row["question"],
+            caption=caption or "(empty description)", question=reasoner_question(row["question"]),
             choices=format_choices(row.get("choices")))
 
     def collect(self, step: int, timer: StepTimer) -> tuple[list[dict[str, Any]], list[Selection], dict[str, Any]]:
@@ -267,6 +303,8 @@ class SophiaRecipe(Recipe):
         if len(flat) != len(prompts) or any(len(x) != s.num_solutions for x in flat):
             raise RuntimeError(f"the reasoner returned {[len(x) for x in flat]} solutions for {len(prompts)} "
                                f"prompts; expected {s.num_solutions} each")
+        # the built-in reasoners already normalise (idempotent); kind=python ones may not
+        flat = [[normalise_solution(y, prompt_opened_think=think_left_open(y)) for y in ys] for ys in flat]
         tok = self.policy.processor.tokenizer
         length = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         K = s.num_captions
@@ -276,9 +314,15 @@ class SophiaRecipe(Recipe):
                 sols = flat[i * K:(i + 1) * K]
                 rewards = [[float(self.reward_fn(y, row["answer"], choices=row.get("choices") or None))
                             for y in ys] for ys in sols]
-                selections.append(select_solutions(rewards, sols, threshold=s.threshold, length=length))
+                selections.append(select_solutions(rewards, sols, threshold=s.threshold, length=length,
+                                                   well_formed=is_strict_format,
+                                                   max_length=s.max_target_tokens - 1))  # + end of turn
         all_r = [r for sel in selections for r in sel.caption_rewards]
         metrics = {
+            # solutions (after normalisation) in the strict <think></think><answer></answer> format
+            "sophia/solution_format": sum(is_strict_format(y) for ys in flat for y in ys) / (len(flat) * s.num_solutions),
+            "sophia/kept_malformed": sum(sel.rejected == "malformed" for sel in selections),
+            "sophia/kept_too_long": sum(sel.rejected == "too_long" for sel in selections),
             "sophia/caption_reward": sum(all_r) / len(all_r),
             "sophia/captions_above_threshold": sum(r > s.threshold for r in all_r) / len(all_r),
             # mean over captions of their mean = mean over all solutions (N per caption)
@@ -301,6 +345,8 @@ class SophiaRecipe(Recipe):
                 part = kept_rows[i:i + s.micro_batch_prompts]
                 ids, mask, truncated = tokenize_targets(self.policy.processor, kept_texts[i:i + s.micro_batch_prompts],
                                                         max_tokens=s.max_target_tokens)
+                if truncated.any():  # selection rejects over-long solutions: never train on a cut one
+                    raise RuntimeError("a kept SOPHIA solution is longer than sophia.max_target_tokens")
                 micro.append(RolloutBatch(prompts=self.policy.prompts(part), group_ids_N=torch.arange(len(part)),
                                           completion_ids_NT=ids, completion_mask_NT=mask, truncated_N=truncated,
                                           texts=kept_texts[i:i + s.micro_batch_prompts]))

@@ -20,6 +20,7 @@ from vlreason.reasoners import (
     build_reasoner,
     tiny_reasoner_path,
 )
+from vlreason.rewards import hard_format_and_correct
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,17 @@ def test_transformers_reasoner_is_seeded_and_returns_n_per_prompt(tiny_reasoner)
     greedy = tiny_reasoner.solve(prompts[:1], 2, 8, 0.0, seed=0)
     assert greedy[0][0] == greedy[0][1]
     assert isinstance(tiny_reasoner, Reasoner)
+
+
+def _reply(mode: str, user: str, seed: int, i: int) -> dict[str, str]:
+    if mode == "open_think":  # QwQ / R1 served without a reasoning parser: the template opened <think>
+        return {"content": f"I look at it.\n</think>\n\n<answer>{user}</answer>"}
+    if mode == "answer_only":
+        return {"content": f"  <answer>{user}</answer>\n"}
+    reply = {"content": f"<answer>{user}-{seed}-{i}</answer>"}
+    if mode == "reasoning":  # a reasoning parser split the think text off
+        reply["reasoning_content"] = "r"
+    return reply
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,9 +67,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(1.0)
         n = 1 if srv.mode == "ignore_n" else body["n"]
         user = body["messages"][-1]["content"]
-        choices = [{"index": i, "message": {"role": "assistant",
-                                            "content": f"<answer>{user}-{body['seed']}-{i}</answer>",
-                                            **({"reasoning_content": "r"} if srv.mode == "reasoning" else {})}}
+        choices = [{"index": i, "message": {"role": "assistant", **_reply(srv.mode, user, body["seed"], i)}}
                    for i in reversed(range(n))]  # out of order on purpose
         data = json.dumps({"choices": choices}).encode()
         self.send_response(200)
@@ -108,6 +118,26 @@ def test_openai_reasoner_fills_n_when_server_ignores_it_and_keeps_reasoning(serv
     server.mode = "reasoning"
     assert OpenAIReasoner(_url(server), "m", timeout_s=5).solve(["q"], 1, 8, 1.0, seed=0) == [
         ["<think>r</think><answer>q-0-0</answer>"]]
+
+
+def test_openai_reasoner_restores_the_think_block_the_template_opened(server):
+    """A server without a reasoning parser returns QwQ's / R1's text after the prompt's
+    "<think>\\n": it closes </think> without opening it. The solution comes back well formed
+    and the hard (format and correct) reward accepts it; answer-only replies are left as
+    they are (no empty think invented), and the hard reward refuses them."""
+    server.mode = "open_think"
+    (out,) = OpenAIReasoner(_url(server), "qwq", timeout_s=5).solve(["7"], 2, 8, 1.0, seed=0)
+    assert out == ["<think>I look at it.\n</think>\n\n<answer>7</answer>"] * 2
+    assert all(hard_format_and_correct(t, "7") == 1.0 for t in out)
+    server.mode = "answer_only"
+    (out,) = OpenAIReasoner(_url(server), "m", timeout_s=5).solve(["7"], 1, 8, 1.0, seed=0)
+    assert out == ["<answer>7</answer>"] and hard_format_and_correct(out[0], "7") == 0.0
+    # reasoning_content + a content that closes a think block again: kept whole, malformed
+    msg = {"message": {"content": "more</think><answer>7</answer>", "reasoning_content": "r"}}
+    assert OpenAIReasoner.choice_text(msg) == "<think>r</think>more</think><answer>7</answer>"
+    assert hard_format_and_correct(OpenAIReasoner.choice_text(msg), "7") == 0.0
+    msg = {"message": {"content": "\n<answer>7</answer>", "reasoning": " I look. "}}
+    assert OpenAIReasoner.choice_text(msg) == "<think>I look.</think><answer>7</answer>"
 
 
 def test_openai_reasoner_errors_are_clear(server):

@@ -17,6 +17,12 @@ A reasoner turns text prompts into sampled solutions:
 transformers reasoner uses :func:`tiny_reasoner_path`: a tiny random Qwen2 text LM built
 offline into the vlreason cache (same tokenizer as the tiny VLMs). Its solutions are
 random text, so it exercises the pipeline, not the method.
+
+Both built-in backends return solutions through :func:`normalise_solution`: reasoning
+models whose chat template opens ``<think>`` in the generation prompt (QwQ-32B, the
+DeepSeek-R1 distills) write only ``...</think>...``, and so does a server without a
+reasoning parser; the missing opening tag is put back, so a solution reaches the
+rewards in the project's ``<think>...</think><answer>...</answer>`` format.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -89,6 +96,47 @@ def build_reasoner(cfg: ReasonerConfig) -> Reasoner:
     return reasoner
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# <think>T</think> X <answer>A... with X (an R1-style summary) non-empty: X belongs to T
+_BETWEEN = re.compile(r"(?P<think><think>.*?)</think>(?P<between>.*?)(?P<answer><answer>.*)", re.DOTALL)
+
+
+def prompt_opens_think(rendered_prompt: str) -> bool:
+    """True when a rendered generation prompt ends by opening ``<think>`` (QwQ-32B and the
+    R1 distills end theirs with ``<think>\\n``): the model then writes only ``...</think>``."""
+    return rendered_prompt.rstrip().endswith(THINK_OPEN)
+
+
+def think_left_open(text: str) -> bool:
+    """A reply that closes a think block it never opened: the prompt opened it (what a
+    server without a reasoning parser returns for QwQ-32B / R1)."""
+    return THINK_CLOSE in text and THINK_OPEN not in text
+
+
+def normalise_solution(text: str, *, prompt_opened_think: bool) -> str:
+    """A reasoner's solution in the target ``<think>T</think><answer>A</answer>`` format,
+    as far as it can be recovered (pure; idempotent on its own output):
+
+    * surrounding whitespace is stripped;
+    * ``prompt_opened_think``: the generation prompt opened ``<think>``, so the text
+      (``T</think>...``) gets it back in front, unless it starts with one itself;
+    * text between ``</think>`` and ``<answer>`` (an R1-style summary) is moved to the
+      end of the think block, when there is exactly one think block and one answer.
+
+    Anything else is left as it is, for the rewards and the caller to judge: an
+    answer-only solution (no think block) is NOT given an empty one (the strict format
+    needs a non-empty think, and training on it would teach the VLM to skip reasoning);
+    SOPHIA scores it as usual but never trains on it (``sophia/kept_malformed``)."""
+    t = text.strip()
+    if prompt_opened_think and not t.startswith(THINK_OPEN):
+        t = THINK_OPEN + t
+    if t.count(THINK_OPEN) == 1 and t.count(THINK_CLOSE) == 1 and t.count("<answer>") == 1:
+        m = _BETWEEN.fullmatch(t)
+        if m and m.group("between").strip():
+            t = f"{m.group('think').rstrip()}\n\n{m.group('between').strip()}{THINK_CLOSE}{m.group('answer')}"
+    return t
+
+
 def _messages(system_prompt: str, prompt: str) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return msgs + [{"role": "user", "content": prompt}]
@@ -98,7 +146,10 @@ def _messages(system_prompt: str, prompt: str) -> list[dict[str, str]]:
 class TransformersReasoner:
     """A local causal LM. Prompts go through the tokenizer's chat template when it has one
     (else raw text); sampling is seeded (``seed`` fixes the whole call) and batched
-    (``batch_size`` prompts x ``n`` copies per ``generate``); ``temperature=0`` is greedy."""
+    (``batch_size`` prompts x ``n`` copies per ``generate``); ``temperature=0`` is greedy.
+    A chat template that opens ``<think>`` in the generation prompt is detected on the
+    rendered prompt and the tag is put back in front of each solution
+    (:func:`normalise_solution`)."""
 
     def __init__(self, path: str | Path, *, batch_size: int = 8, system_prompt: str = "", device=None,
                  model=None, tokenizer=None):
@@ -135,9 +186,9 @@ class TransformersReasoner:
         with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the run's RNG
             torch.manual_seed(seed)
             for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start:start + self.batch_size]
+                rendered = [self.render(p) for p in prompts[start:start + self.batch_size]]
                 # each prompt repeated n times (rows i*n ... i*n+n-1); works greedy too
-                enc = tok([self.render(p) for p in chunk for _ in range(n)], return_tensors="pt",
+                enc = tok([r for r in rendered for _ in range(n)], return_tensors="pt",
                           padding=True, add_special_tokens=False).to(self.device)
                 kwargs: dict[str, Any] = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
                                               pad_token_id=tok.pad_token_id,
@@ -147,7 +198,10 @@ class TransformersReasoner:
                 with torch.no_grad():
                     ids = self.model.generate(**enc, **kwargs)
                 texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                out += [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(chunk))]
+                for i, r in enumerate(rendered):
+                    opened = prompt_opens_think(r)
+                    out.append([normalise_solution(t, prompt_opened_think=opened)
+                                for t in texts[i * n:(i + 1) * n]])
         return out
 
 
@@ -161,7 +215,9 @@ class OpenAIReasoner:
     per prompt with ``n``, ``max_tokens``, ``temperature`` and ``seed``. Servers that return
     fewer than ``n`` choices (some ignore ``n``) are asked again for the rest (seed + 1, ...).
     A separate ``reasoning_content`` (vLLM / SGLang reasoning parsers, DeepSeek) is put back
-    in front of the answer as ``<think>...</think>``."""
+    in front of the answer as ``<think>...</think>``; without a parser, a reply that closes
+    ``</think>`` without opening it (the template opened it) gets ``<think>`` back in front
+    (:func:`normalise_solution`)."""
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 300.0, max_retries: int = 2, system_prompt: str = ""):
@@ -202,11 +258,11 @@ class OpenAIReasoner:
     @staticmethod
     def choice_text(choice: dict[str, Any]) -> str:
         msg = choice.get("message") or {}
-        content = msg.get("content") or ""
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
-        if reasoning and "<think>" not in content:
-            content = f"<think>{reasoning}</think>{content}"
-        return content.strip()
+        content = (msg.get("content") or "").strip()
+        reasoning = (msg.get("reasoning_content") or msg.get("reasoning") or "").strip()
+        if reasoning and THINK_OPEN not in content:
+            content = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{content}"
+        return normalise_solution(content, prompt_opened_think=think_left_open(content))
 
     def solve(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
               seed: int) -> list[list[str]]:

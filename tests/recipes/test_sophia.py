@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from recipes.sophia import SophiaRecipe, select_solutions
+from recipes.sophia import REWARDS, SophiaRecipe, select_solutions
 from vlreason.config import ConfigError, load_config, to_dict
 from vlreason.data.schema import canonical_row, save_canonical
 from vlreason.paths import warm_model
@@ -217,3 +217,82 @@ def test_embedded_default_runs_end_to_end(tmp_path):
                 "time/captions", "time/reasoner", "time/update"):
         assert key in records[-1], key
     assert all(0.0 <= r["sophia/caption_reward"] <= 1.0 for r in records)
+
+
+def test_select_solutions_never_keeps_malformed_or_over_long_solutions():
+    good = [[1, 1, 1, 1]]
+    # the shortest correct one is malformed: the next shortest well-formed one is kept
+    sel = select_solutions(good, [["<w>", "a", "<ww>", "<www>"]], threshold=0.75,
+                           well_formed=lambda t: t.startswith("<"))
+    assert (sel.kept, sel.rejected) == ("<w>", None)
+    sel = select_solutions(good, [["a", "b", "c", "d"]], threshold=0.75, well_formed=lambda t: False)
+    assert (sel.kept, sel.rejected) == (None, "malformed")
+    # over the limit: rejected, not cut; what fits is kept
+    sel = select_solutions(good, [["aaaa", "bbbbb", "cccccc", "ddd"]], threshold=0.75, max_length=2)
+    assert (sel.kept, sel.rejected) == (None, "too_long")
+    assert select_solutions(good, [["aaaa", "bbbbb", "cc", "ddd"]], threshold=0.75, max_length=2).kept == "cc"
+    # nothing correct under a good caption: nothing to reject
+    assert select_solutions([[1, 0, 0, 0]], [["a"] * 4], threshold=0.75, max_length=0).rejected is None
+
+
+# questions with <image> markers; what the (python) reasoner writes for each
+STYLED = {
+    # QwQ / R1 through a template that opened <think>: only "...</think>", as a user's reasoner may return it
+    "<image>\nWhat colour is shape one?": ["I look.\n</think>\n\n<answer>red</answer>",
+                                            "I look at it very closely.</think><answer>red</answer>"] * 2,
+    # correct, but no think block at all
+    "What colour is shape two?": ["<answer>blue</answer>"] * 4,
+    # correct and well formed, but longer than sophia.max_target_tokens (default 512)
+    "Look at <image> now. What colour is shape three?": [_solution(800 + k, "green") for k in range(4)],
+}
+STYLED_ANSWERS = {"<image>\nWhat colour is shape one?": "red", "What colour is shape two?": "blue",
+                  "Look at <image> now. What colour is shape three?": "green"}
+
+
+class StyledReasoner:
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def solve(self, prompts, n, max_new_tokens, temperature, seed):
+        self.prompts += prompts
+        return [next(STYLED[q] for q in STYLED if q.split("What")[-1] in p)[:n] for p in prompts]
+
+
+def styled_reasoner(cfg) -> StyledReasoner:
+    LAST.append(StyledReasoner())
+    return LAST[-1]
+
+
+def test_solutions_are_normalised_long_ones_rejected_and_image_markers_stripped(tmp_path):
+    rows = [canonical_row(id=f"r{i}", images=[_png(a)], question=q, answer=a, source="test")
+            for i, (q, a) in enumerate(STYLED_ANSWERS.items())]
+    data = save_canonical(rows, tmp_path / "styled")
+    cfg = load_config(SophiaRecipe.config_class, None,
+                      [f"data.train={data}", "reasoner.kind=python", f"reasoner.path={__name__}:styled_reasoner",
+                       *FAST, f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3", "sophia.reward=hard"])
+    cfg.model.name_or_path = str(warm_model())
+    recipe = SophiaRecipe(cfg)
+    recipe.setup()
+    tok = recipe.policy.processor.tokenizer
+    assert len(tok(STYLED["Look at <image> now. What colour is shape three?"][0])["input_ids"]) > 512
+    for step, reward in enumerate(("hard", "accuracy")):
+        recipe.reward_fn = REWARDS[reward]
+        micro, metrics = recipe.prepare(step, StepTimer())
+        (mb,) = micro
+        # the template-opened solution is trained on, well formed; the hard reward accepted it
+        assert [r["id"] for r in mb.prompts.rows] == ["r0"]
+        assert mb.texts == ["<think>I look.\n</think>\n\n<answer>red</answer>"]
+        assert not mb.truncated_N.any()
+        assert tok.decode(mb.completion_ids_NT[0][mb.completion_mask_NT[0].bool()]).endswith(
+            "</answer><|im_end|>")
+        # the long correct solutions are rejected, not cut; answer-only ones are correct
+        # under accuracy but never trained on
+        assert metrics["sophia/kept_rows"] == 1 and metrics["sophia/kept_too_long"] == 1
+        assert metrics["sophia/kept_malformed"] == (1 if reward == "accuracy" else 0)
+        assert metrics["sophia/solution_format"] == pytest.approx(2 / 3)
+    # the reasoner never sees the image markers
+    prompts = LAST[-1].prompts
+    assert len(prompts) == 12 and not any("<image>" in p for p in prompts)
+    assert any("Question: Look at now. What colour is shape three?" in p for p in prompts)
+    assert any("Question: What colour is shape one?" in p for p in prompts)
+    recipe.cleanup()

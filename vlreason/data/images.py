@@ -2,7 +2,7 @@
 
 Every image that enters a canonical dataset goes through :func:`prepare_image`, which
 rejects what training could not use (missing, empty, not an image, truncated,
-decompression bomb, too small) with an :class:`ImageError` whose ``reason`` is one of the
+decompression bomb, too small, aspect ratio over 200:1, or anything else PIL fails on) with an :class:`ImageError` whose ``reason`` is one of the
 short phrases below, and returns the bytes to store. Readers decode stored bytes with
 :func:`decode_image`, which applies the same rules and always returns an RGB image.
 """
@@ -29,7 +29,11 @@ TRUNCATED_IMAGE = "truncated image"
 CORRUPT_IMAGE = "corrupt image"
 DECOMPRESSION_BOMB = "decompression bomb"
 IMAGE_TOO_SMALL = "image under minimum side"
+EXTREME_ASPECT_RATIO = "aspect ratio over 200:1"
 UNSUPPORTED_MODE = "unsupported image mode"
+
+MAX_ASPECT_RATIO = 200
+"""Longest side / shortest side accepted: the Qwen-VL processors refuse anything wider."""
 
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -83,7 +87,10 @@ def prepare_image(
     """
     raw = _read_bytes(data)
     img, keep_original = _decode(raw, max_pixels, min_side)
-    stored = raw if keep_original else encode_image(img)
+    try:
+        stored = raw if keep_original else encode_image(img)
+    except (OSError, ValueError) as err:  # PIL could decode it but not write it back
+        raise ImageError(CORRUPT_IMAGE, f"cannot re-encode: {err}"[:500]) from err
     return PreparedImage(stored, img.width, img.height)
 
 
@@ -129,11 +136,16 @@ def _read_bytes(data: ImageSource) -> bytes:
         raw = bytes(data)
     else:
         path = Path(data)
-        if not path.exists():
-            raise ImageError(MISSING_FILE, str(path))
-        if not path.is_file():
-            raise ImageError(NOT_AN_IMAGE, f"{path} is not a regular file")
-        raw = path.read_bytes()
+        try:
+            if not path.exists():
+                raise ImageError(MISSING_FILE, str(path))
+            if not path.is_file():
+                raise ImageError(NOT_AN_IMAGE, f"{path} is not a regular file")
+            raw = path.read_bytes()
+        except ImageError:
+            raise
+        except (OSError, ValueError) as err:  # name too long, NUL byte, unreadable
+            raise ImageError(MISSING_FILE, f"{type(err).__name__}: {err}"[:500]) from err
     if not raw:
         raise ImageError(EMPTY_FILE, "0 bytes")
     return raw
@@ -156,7 +168,21 @@ def _strict_pil() -> Iterator[None]:
 
 
 def _decode(raw: bytes, max_pixels: int | None, min_side: int) -> tuple[Image.Image, bool]:
-    """RGB image of ``raw``'s first frame, and whether ``raw`` can be stored unchanged."""
+    """RGB image of ``raw``'s first frame, and whether ``raw`` can be stored unchanged.
+
+    Any error PIL raises on hostile bytes that the steps below do not classify (a broken
+    EXIF block, a frame count that cannot be read, a failed mode conversion) is a
+    ``corrupt image``, never an exception of another type.
+    """
+    try:
+        return _decode_checked(raw, max_pixels, min_side)
+    except ImageError:
+        raise
+    except Exception as err:  # hostile bytes: whatever PIL raised, the image is unusable
+        raise ImageError(CORRUPT_IMAGE, f"{type(err).__name__}: {err}"[:500]) from err
+
+
+def _decode_checked(raw: bytes, max_pixels: int | None, min_side: int) -> tuple[Image.Image, bool]:
     with _strict_pil():
         img = _open(raw)
         _check_size(img, max_pixels, min_side)
@@ -191,6 +217,10 @@ def _check_size(img: Image.Image, max_pixels: int | None, min_side: int) -> None
         )
     if min(width, height) < min_side:
         raise ImageError(IMAGE_TOO_SMALL, f"{width}x{height}, minimum side is {min_side}")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise ImageError(
+            EXTREME_ASPECT_RATIO, f"{width}x{height}; the Qwen-VL processors refuse over 200:1"
+        )
 
 
 def _load(img: Image.Image) -> None:

@@ -15,7 +15,7 @@ Comparison, first rule that applies wins:
    with the matching text. Anything else scores 0.
 2. **Normalised text**: equal after lower-casing, collapsing whitespace and stripping
    surrounding quotes and a trailing period (``" Red. "`` == ``"red"``).
-3. **Numbers**: both sides plain numbers -> exact rational comparison
+3. **Numbers**: both sides plain numbers -> exact decimal comparison
    (``3 == 3.0 == 3. == +3``, ``1,000 == 1000`` for well-formed thousands separators,
    number words ``zero`` .. ``twenty``). Two different plain numbers score 0 immediately.
 4. **Math** (ground truth contains a digit, a backslash or one of ``^ = + * /``):
@@ -45,9 +45,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any, TypeVar
 
+from vlreason.rewards import power_guard
 from vlreason.rewards.format import extract_answer
 
 __all__ = ["MAX_MATH_CHARS", "accuracy_reward", "answers_match", "call_with_timeout", "math_equal"]
@@ -91,11 +91,16 @@ def _norm_text(text: str) -> str:
     return text.strip()
 
 
-def _parse_number(text: str) -> Fraction | None:
-    """Exact value of a plain number ("3", "3.0", "3.", "-1,234.5", "three"), else None."""
+def _parse_number(text: str) -> Decimal | None:
+    """Exact value of a plain number ("3", "3.0", "3.", "-1,234.5", "three"), else None.
+
+    A ``Decimal`` holds a plain decimal number exactly and compares exactly (``3 == 3.0``);
+    unlike a ``Fraction`` it is built in linear time (``Fraction(Decimal(s))`` of a
+    400,000-digit answer took 15 s).
+    """
     t = text.strip().replace("\u2212", "-").strip("$").strip()
     if t.lower() in _NUMBER_WORDS:
-        return Fraction(_NUMBER_WORDS[t.lower()])
+        return Decimal(_NUMBER_WORDS[t.lower()])
     if t.endswith(".") and t[:-1].endswith("."):  # "3.." is not a number
         return None
     if _THOUSANDS.fullmatch(t):
@@ -106,7 +111,7 @@ def _parse_number(text: str) -> Fraction | None:
         else:
             return None
     try:
-        return Fraction(Decimal(t))
+        return Decimal(t)
     except (InvalidOperation, ValueError):
         return None
 
@@ -240,9 +245,14 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | 
 
 
 def _mv_equal(pred_latex: str, gt_latex: str, free_text: bool = False) -> bool:
-    """math_verify parse + verify with its own (signal-based) timeouts disabled."""
+    """math_verify parse + verify with its own (signal-based) timeouts disabled, and
+    huge exact powers refused (:mod:`vlreason.rewards.power_guard`: no timer can stop
+    sympy computing ``10 ** 10**10``)."""
     try:
-        return _mv_equal_unguarded(pred_latex, gt_latex, free_text)
+        with power_guard.guarded():
+            return _mv_equal_unguarded(pred_latex, gt_latex, free_text)
+    except power_guard.TooLarge:
+        return False
     except Exception:  # a checker error is a non-match, never a crashed training step
         return False
 
@@ -266,11 +276,38 @@ def _mv_equal_unguarded(pred_latex: str, gt_latex: str, free_text: bool) -> bool
     return bool(math_verify.verify(gold, target, timeout_seconds=None))
 
 
+_warm = False
+_warm_lock = threading.Lock()
+
+
+def _warm_up() -> None:
+    """Import math-verify and sympy and run two small checks once, outside any time limit.
+
+    The first check otherwise imports them under the limit: a SIGALRM that lands inside an
+    import leaves half-initialised modules behind, and every later check then fails, so
+    every later math answer silently scored 0 (seen with a 0.3 s limit on a loaded machine).
+    """
+    global _warm
+    if _warm:
+        return
+    with _warm_lock:
+        if _warm:
+            return
+        for pred, gt in (("$3$", "$3.0$"), ("$\\frac{1}{2} + x^2$", "$x^{2} + 0.5$")):
+            try:
+                with power_guard.guarded():
+                    _mv_equal_unguarded(pred, gt, False)
+            except Exception:  # a broken checker shows up in the real calls
+                pass
+        _warm = True
+
+
 def math_equal(pred: str, ground_truth: str, *, timeout_s: float = 5.0) -> bool:
     """math-verify equivalence of two answers read as LaTeX, within ``timeout_s`` (else
     False); False without calling math-verify when a side exceeds :data:`MAX_MATH_CHARS`."""
     if len(pred) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
         return False
+    _warm_up()
     finished, result = call_with_timeout(
         lambda: _mv_equal(_as_latex(pred), _as_latex(ground_truth)), timeout_s
     )
@@ -356,6 +393,7 @@ def accuracy_reward(
     gt = str(ground_truth).strip()
     if gt and _MATHY.search(gt) and _choice_letter(gt, _as_choices(choices)) is None:
         text = _ANY_TAG.sub(" ", completion[-MAX_LENIENT_CHARS:])
+        _warm_up()
         finished, result = call_with_timeout(
             lambda: _mv_equal(text, _as_latex(gt), free_text=True), timeout_s
         )

@@ -171,6 +171,8 @@ class Trainer:
         self.engine = build_engine(par, self.recipe.model, family, compute_dtype=self.compute_dtype)
         if self.strategy == "fsdp2" and getattr(policy, "reference", None) is not None:
             policy.reference_run = build_engine(par, policy.reference, family, compute_dtype=self.compute_dtype).forward
+        if self.is_main and self.strategy != "none":
+            print(f"parallel: {self.strategy} on {self.world_size} processes", flush=True)
 
     # ---- checkpoints -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,86 @@
+"""vlreason's side of ``benchmarks/vs_trl.py`` (run in its own child process): ``Policy`` +
+``GRPOPhases`` driven by ``Trainer.train_step``, the code ``vlreason train grpo`` runs per step."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+from bench_common import (
+    ImageProcessorCounter,
+    PhasesRecipe,
+    RssSampler,
+    Settings,
+    StepProfiler,
+    VisionCounter,
+    color_rows,
+    max_rss_bytes,
+    step_record,
+)
+
+import vlreason.data.schema  # noqa: F401  (datasets: the recipe loads its data with it)
+from vlreason.data.stream import RowStream
+from vlreason.models.loading import ModelConfig
+from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.train.grpo import GRPOConfig, GRPOPhases
+from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.metrics import StepTimer
+
+
+def build_phases(settings: Settings) -> tuple[Policy, GRPOPhases]:
+    """The policy (and a reference copy when beta > 0) and the GRPO phases over the demo rows."""
+    torch.manual_seed(settings.seed)
+    rollout = RolloutConfig(num_generations=settings.num_generations, max_new_tokens=settings.max_new_tokens,
+                            min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    if settings.logprob_chunk_size:
+        rollout.logprob_chunk_size = settings.logprob_chunk_size
+    policy = Policy.load(ModelConfig(name_or_path=settings.model_path), rollout,
+                         with_reference=settings.beta > 0)
+    stream = RowStream(color_rows(settings), seed=settings.seed)
+    algorithm = GRPOConfig(prompts_per_step=settings.prompts_per_step,
+                           micro_batch_prompts=settings.micro_batch_prompts, kl_coef=settings.beta,
+                           kl_estimator="k3", aggregation="token-mean", advantage="grpo",
+                           clip_low=0.2, clip_high=0.2, reward=settings.reward)
+    return policy, GRPOPhases(algorithm, policy, stream, settings.seed)
+
+
+def build_trainer(settings: Settings, policy: Policy, phases: GRPOPhases) -> Trainer:
+    loop = LoopConfig(output_dir=tempfile.mkdtemp(prefix="vs_trl_vlreason_"), seed=settings.seed,
+                      max_steps=settings.warmup + settings.steps + 1, trackers=[], progress=False,
+                      optim=OptimConfig(lr=settings.lr, weight_decay=0.0, schedule="constant", max_grad_norm=1.0))
+    return Trainer(loop, PhasesRecipe(phases, policy.model))
+
+
+def run_vlreason(settings: Settings) -> dict[str, Any]:
+    rss_imports = RssSampler().current()
+    policy, phases = build_phases(settings)
+    trainer = build_trainer(settings, policy, phases)
+    vision = VisionCounter([policy.model], [policy.reference] if policy.reference is not None else [])
+    images = ImageProcessorCounter(policy.processor.image_processor)
+    timer = StepTimer(synchronize=False)
+    policy.model.train()
+
+    sampler = RssSampler()
+    rss_before = sampler.start()
+    records = []
+    for _ in range(settings.warmup + settings.steps):
+        vision.reset()
+        images.pop()
+        timer.reset()
+        start = time.perf_counter()
+        metrics = trainer.train_step(timer)
+        seconds = time.perf_counter() - start
+        phase = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
+        records.append(step_record(seconds, phase, vision.pop(), images.pop(),
+                                   {"completion_len": metrics.get("completion_len"), "loss": metrics.get("loss")}))
+    peak_steps = sampler.stop()
+    out = {"records": records, "rss_after_imports": rss_imports, "rss_before_steps": rss_before,
+           "rss_peak_steps": peak_steps, "max_rss": max_rss_bytes()}
+    if settings.profile:
+        with StepProfiler() as prof:
+            timer.reset()
+            trainer.train_step(timer)
+        out["profile"] = prof.result()
+    return out
