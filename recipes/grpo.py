@@ -21,12 +21,14 @@ import torch
 
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
+from vlreason.evaluation import EvalConfig
 from vlreason.models.loading import ModelConfig
 from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
+from vlreason.train.heldout import HeldOutEval
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 
@@ -47,6 +49,12 @@ class GRPORecipeConfig(LoopConfig):
         metadata={"help": "GRPO settings."},
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
+    heldout_eval: bool = doc("Evaluate data.eval before the first step and after the last "
+                             "(eval/* metrics, RUN_DIR/eval.jsonl, printed).", True)
+    eval: EvalConfig = field(
+        default_factory=lambda: EvalConfig(num_samples=4, temperature=1.0, max_new_tokens=48),
+        metadata={"help": "Held-out evaluation (default: 4 samples per row at the sampling temperature)."},
+    )
 
 
 @register_recipe("grpo")
@@ -66,9 +74,21 @@ class GRPORecipe(Recipe):
         self.stream = RowStream(train, seed=cfg.seed)
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
+        self.heldout = (HeldOutEval(self.policy, load_split(cfg.data.eval, "eval"), cfg.eval, cfg.output_dir,
+                                    is_main=self.trainer.is_main) if cfg.heldout_eval else None)
 
     # ---- the loop's recipe interface ---------------------------------------------------
+    def before_training(self) -> dict[str, Any] | None:
+        return self.heldout(0, "before training") if self.heldout else None
+
+    def after_update(self, step: int) -> dict[str, Any] | None:
+        if self.heldout is None or step + 1 != self.cfg.max_steps:
+            return None
+        with self.timer("eval"):
+            return self.trainer.rollout_pass(lambda: self.heldout(step + 1, "after training"))
+
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:
+        self.timer = timer
         return self.phases.prepare(step, timer)
 
     def step(self, micro_batch) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -62,12 +62,14 @@ class SFTRecipe(Recipe):
 
     def train(self) -> Path:
         result = self.trainer.fit()
-        if self.cfg.eval_rows > 0 and self.trainer.step >= self.cfg.max_steps and self.trainer.is_main:
+        if self.cfg.eval_rows > 0 and self.trainer.step >= self.cfg.max_steps:
+            # every process takes part (FSDP2 gathers the sharded weights); the main one writes
             data = load_split(self.cfg.data.eval, "eval")
             eval_cfg = EvalConfig(**{**self.cfg.eval.__dict__, "limit": self.cfg.eval_rows})
-            summary, _ = evaluate(self.policy, data, eval_cfg)
-            (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(summary, indent=2))
-            print("eval:", json.dumps(summary))
+            summary, _ = self.trainer.rollout_pass(lambda: evaluate(self.policy, data, eval_cfg))
+            if self.trainer.is_main:
+                (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(summary, indent=2))
+                print("eval:", json.dumps(summary))
         return result
 
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:

@@ -275,10 +275,11 @@ class VisionOPDRecipe(Recipe):
         """This process's share of the step's rows as (student prompts, teacher prompts),
         same rows in the same order; unusable rows are skipped with a warning and counted."""
         rank, size = world()
-        rows = shard(self.stream.next_rows(self.cfg.algorithm.prompts_per_step), rank, size)
+        step_rows = self.stream.next_rows(self.cfg.algorithm.prompts_per_step)
         max_tokens = self.policy.rollout.prompt.max_prompt_tokens
-        usable, student_images, teacher_images = [], [], []
-        for row in rows:
+        usable, student_images, teacher_images, self.prompt_index = [], [], [], []
+        for i in shard(list(range(len(step_rows))), rank, size):
+            row = step_rows[i]
             if not row.get("boxes") and self.cfg.teacher.no_box == "skip":
                 self.no_box_rows += 1
                 self.skipped_rows += 1
@@ -299,6 +300,7 @@ class VisionOPDRecipe(Recipe):
                             "rollout.prompt.max_prompt_tokens=%d", step + 1, row.get("id"), max(lengths), max_tokens)
                 continue
             usable.append(row)
+            self.prompt_index.append(i)  # the prompt's place in the step's global list: its seed
             student_images.append(student)
             teacher_images.append(teacher)
         if not usable:
@@ -312,10 +314,10 @@ class VisionOPDRecipe(Recipe):
         G = self.policy.rollout.num_generations
         temperature = self.policy.sampling_temperature
         chunk = self.policy.rollout.logprob_chunk_size
-        rank, _ = world()
         with timer("rollout"):
             student_prompts, teacher_prompts = self.next_prompts(step)
-            batch = self.policy.sample(student_prompts, seed=hash_seed(cfg.seed, step, rank))
+            seeds = [hash_seed(cfg.seed, step, i) for i in self.prompt_index]  # per prompt, not per process
+            batch = self.policy.sample(student_prompts, seed=seeds)
         per_micro = a.micro_batch_prompts * G
         micro = [batch.select(list(range(i, min(i + per_micro, batch.num_completions))))
                  for i in range(0, batch.num_completions, per_micro)]

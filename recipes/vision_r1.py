@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ from safetensors.torch import load_file, save_file
 from vlreason.config import doc
 from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
-from vlreason.evaluation import EvalConfig, evaluate
+from vlreason.evaluation import EvalConfig
 from vlreason.models.loading import ModelConfig, trainable_parameters
 from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
@@ -86,8 +85,9 @@ from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, ru
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
+from vlreason.train.heldout import HeldOutEval
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
-from vlreason.train.metrics import StepTimer, truncate_metrics
+from vlreason.train.metrics import StepTimer
 from vlreason.train.ptst import (
     LRPhase,
     Stage,
@@ -213,12 +213,13 @@ class VisionR1Recipe(Recipe):
         self.stream = RowStream(train, seed=cfg.seed)
         self.sft = SFTPhases(cfg.cold_start, self.policy, self.cold_stream)
         self.grpo = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
-        self.eval_data = load_split(cfg.data.eval, "eval") if cfg.stage_eval else None
         self.eval_points = self.stage_end_points()
         self.run_dir = Path(cfg.output_dir)
         self.rl_started = False
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained,
                                lr_lambda=self.lr_lambda())
+        self.heldout = (HeldOutEval(self.policy, load_split(cfg.data.eval, "eval"), cfg.eval, self.run_dir,
+                                    file=EVAL_FILE, is_main=self.trainer.is_main) if cfg.stage_eval else None)
 
     def lr_lambda(self) -> Callable[[int], float]:
         """Cold start at cold_start.lr, then the RL stages at optim.lr, each phase with its
@@ -307,18 +308,12 @@ class VisionR1Recipe(Recipe):
         """At a stage end, evaluate data.eval; the ``eval/*`` metrics join this step's line
         of metrics.jsonl."""
         done = step + 1
-        if self.eval_data is None or done not in self.eval_points:
+        if self.heldout is None or done not in self.eval_points:
             return None
         index, name = self.eval_points[done]
         with self.timer("eval"):
-            summary, _ = evaluate(self.policy, self.eval_data, self.cfg.eval)
-        if self.trainer.is_main:
-            path = self.run_dir / EVAL_FILE
-            truncate_metrics(path, done - 1)  # a crashed run may have evaluated this step already
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": done, "stage": name, "stage_index": index, **summary}) + "\n")
-            print(f"eval after {name} (step {done}): " + json.dumps(summary), flush=True)
-        return {f"eval/{k}": v for k, v in summary.items()}
+            return self.trainer.rollout_pass(
+                lambda: self.heldout(done, f"after {name}", stage=name, stage_index=index))
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "cold_start_data": self.cold_stream.state_dict(),

@@ -75,6 +75,8 @@ def grpo_in_process_group():
                 "rollout.max_new_tokens=32", "algorithm.prompts_per_step=4", "algorithm.micro_batch_prompts=2",
                 "algorithm.kl_coef=0.01", "optim.lr=1e-6", "model.dtype=bfloat16", "trackers=[jsonl]",
                 "progress=false", f"parallel.strategy={strategy}"]
+        if "heldout_eval" in keys:
+            args.append("heldout_eval=false")
         if "model.save_dtype" in keys:
             args.append("model.save_dtype=float32")  # final/ as the fp32 masters, to see 1e-6 moves
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",

@@ -10,7 +10,8 @@ from vlreason.data.schema import canonical_row, load_canonical, save_canonical
 from vlreason.paths import demo_data
 
 FAST = ["max_steps=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
-        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "progress=false"]
+        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "progress=false",
+        "heldout_eval=false"]
 
 
 def _demo_rows(n: int) -> list[dict]:

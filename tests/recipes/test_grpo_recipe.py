@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from vlreason.cli import main
 
 FAST = ["max_steps=4", "rollout.num_generations=4", "rollout.max_new_tokens=40",
-        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3"]
+        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
+        "heldout_eval=false"]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -58,7 +59,7 @@ def test_grpo_run_directory_contents_and_trainable_weights_change(tmp_path):
 def test_fresh_run_into_an_earlier_run_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     args = [f"output_dir={run}", "max_steps=1", "rollout.num_generations=2", "rollout.max_new_tokens=4",
-            "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1"]
+            "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1", "heldout_eval=false"]
     assert main(["train", "grpo", *args]) == 0
     assert main(["train", "grpo", *args]) == 2
     assert "pass resume=auto to continue it, overwrite=true to start over" in capsys.readouterr().err
@@ -81,7 +82,8 @@ def _run_cli(args: list[str]) -> subprocess.Popen:
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     args = ["max_steps=6", "rollout.num_generations=4", "rollout.max_new_tokens=40",
             "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
-            "optim.schedule=cosine", "optim.warmup_steps=2", "algorithm.kl_coef=0.01"]
+            "optim.schedule=cosine", "optim.warmup_steps=2", "algorithm.kl_coef=0.01",
+            "heldout_eval=false"]
     straight = tmp_path / "straight"
     assert main(["train", "grpo", f"output_dir={straight}", *args]) == 0
 

@@ -40,7 +40,8 @@ def test_grpo_raises_heldout_accuracy_after_sft(tmp_path):
     assert main(["train", "grpo", f"output_dir={grpo}", f"model.name_or_path={sft / 'final'}",
                  f"data.train={train}", "max_steps=60", "save_steps=0", "rollout.num_generations=8",
                  "rollout.max_new_tokens=40", "algorithm.prompts_per_step=8",
-                 "algorithm.micro_batch_prompts=4", "optim.lr=3e-4", "progress=false"]) == 0
+                 "algorithm.micro_batch_prompts=4", "optim.lr=3e-4", "progress=false",
+                 "heldout_eval=false"]) == 0
 
     sampled = {"temperature": 1.0, "num_samples": 4}
     before, after = _accuracy(sft / "final", heldout, **sampled), _accuracy(grpo / "final", heldout, **sampled)

@@ -137,3 +137,13 @@ def test_plan_matches_the_tensors_after_one_adamw_step(tiny_path):
     assert plan.counts.frozen == plan.counts.vision
     layers = list(model.model.language_model.layers) + list(model.model.visual.blocks)
     assert plan.counts.largest_unit == max(sum(p.numel() for p in m.parameters()) for m in layers)
+
+
+def test_format_plan_names_small_models_in_readable_units():
+    from vlreason.train.memory import format_plan, human, plan_memory
+
+    assert (human(3_750_000_000), human(1_234_567), human(4_096), human(512)) == ("3.75G", "1.23M", "4.10K", "512")
+    counts = ParamCounts(trainable=1_000_000, vision=250_000, trainable_tensors=10)
+    text = format_plan(plan_memory(counts, strategy="none", world_size=1, compute_dtype=torch.float32))
+    assert "parameters 1.00M (vision 250.00K, language 750.00K), trainable 1.00M" in text
+    assert "MiB" in text.splitlines()[2]  # 16 MB of weights, gradients and Adam: not 0.00 GiB

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["max_steps=4", "save_steps=2", "keep_last=0", "progress=false", "rollout.num_generations=4",
         "rollout.max_new_tokens=8", "algorithm.prompts_per_step=4", "algorithm.micro_batch_prompts=1",
-        "optim.lr=1e-3", "algorithm.reward=tests.train.test_parallel:text_length_reward"]
+        "optim.lr=1e-3", "algorithm.reward=tests.train.test_parallel:text_length_reward",
+        "heldout_eval=false"]
 ATOL, RTOL = 1e-5, 1e-4
 
 
@@ -133,3 +134,18 @@ def test_strategy_choice_and_validation(monkeypatch):
     # a process with fewer micro-batches than another repeats its last one at weight 0
     monkeypatch.setattr(parallel, "global_max", lambda value: 3)
     assert aligned_micro_batches(["a", "b"]) == [("a", 1.0), ("b", 1.0), ("b", 0.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lora_trains_under_ddp_and_fsdp2(tmp_path, strategy):
+    """LoRA on two processes: the adapter is what trains and what final/ holds."""
+    run = tmp_path / strategy
+    _launch(run, f"parallel.strategy={strategy}", "model.lora.enabled=true", "model.lora.r=4",
+            "algorithm.kl_coef=0.01", "max_steps=2", processes=2, port=29680 + len(strategy))
+    from safetensors.torch import load_file as load
+
+    adapter = load(str(run / "final" / "adapter_model.safetensors"))
+    lora_b = [t for n, t in adapter.items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: it moved
+    assert not (run / "final" / "model.safetensors").exists()

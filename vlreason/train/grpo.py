@@ -62,11 +62,13 @@ def score(reward_fn, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch
     for i, text in enumerate(batch.texts):
         row = batch.prompts.rows[groups[i]]
         info = {"truncated": bool(batch.truncated_N[i]), "choices": row.get("choices") or None, "row": row}
-        if hasattr(reward_fn, "score_components"):
-            parts = reward_fn.score_components(text, row["answer"], **info)
+        if hasattr(reward_fn, "score"):  # total and components from one scoring of each component
+            total, parts = reward_fn.score(text, row["answer"], **info)
             for name, value in parts.items():
                 components.setdefault(name, []).append(float(value))
-        rewards.append(float(reward_fn(text, row["answer"], **info)))
+        else:
+            total = reward_fn(text, row["answer"], **info)
+        rewards.append(float(total))
     return torch.tensor(rewards), {k: torch.tensor(v) for k, v in components.items()}
 
 

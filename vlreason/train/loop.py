@@ -10,6 +10,8 @@ A recipe hands the loop an object with four methods:
   counters), stored in every checkpoint;
 * ``after_update(step) -> dict | None``: anything after the optimizer step (e.g. an EMA
   teacher, a stage-end evaluation); metrics it returns join the step's metrics line;
+* optionally ``before_training() -> dict | None``: run once before the first step of a
+  fresh run (not on resume), e.g. a held-out evaluation; its metrics are logged as step 0;
 * optionally ``save_extra(dir)`` / ``load_extra(dir)``: tensors of the recipe's own (an
   EMA teacher) written into and read from the checkpoint directory itself, so they are
   atomic and pruned with it.
@@ -226,6 +228,10 @@ class Trainer:
         timer = StepTimer(synchronize=torch.cuda.is_available())
         model = self.recipe.model
         model.train()
+        if self.step == 0 and hasattr(self.recipe, "before_training"):
+            before = self.rollout_pass(self.recipe.before_training)
+            if before:
+                metrics_log.log(0, before)
         stopped_by_signal = False
         first_step = self.step
         try:
@@ -290,9 +296,15 @@ class Trainer:
         device = next(self.recipe.model.parameters()).device
         return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
+    def rollout_pass(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` as the rollout runs: in the compute dtype, parameters gathered once
+        (FSDP2). For a recipe's no-gradient passes outside ``prepare`` (evaluations)."""
+        with self.autocast():
+            return self.engine.gathered(fn)
+
     def train_step(self, timer: StepTimer) -> dict[str, Any]:
-        with self.autocast():  # rollout, rewards, reference: parameters gathered once (FSDP2)
-            micro_batches, metrics = self.engine.gathered(lambda: self.recipe.prepare(self.step, timer))
+        # rollout, rewards, reference: parameters gathered once (FSDP2)
+        micro_batches, metrics = self.rollout_pass(lambda: self.recipe.prepare(self.step, timer))
         step_metrics = []
         finite = True
         with timer("update"):

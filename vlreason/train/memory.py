@@ -229,13 +229,21 @@ def _div(nbytes: int, parts: int) -> int:
     return -(-int(nbytes) // parts)
 
 
+def human(n: float, unit: str = "") -> str:
+    """``n`` with a K / M / G suffix (powers of 1000): 3.75G, 1.23M, 512."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
 def format_plan(plan: MemoryPlan) -> str:
-    """A small fixed-width table of the plan, in GiB."""
+    """A small fixed-width table of the plan, in GiB (MiB for models under 1 GiB a process)."""
     c = plan.counts
     head = (f"memory plan per process: strategy {plan.strategy}, {plan.world_size} process(es), compute "
             f"{str(plan.compute_dtype).replace('torch.', '')}{', cpu offload' if plan.cpu_offload else ''}\n"
-            f"parameters {c.total / 1e9:.3f} B (vision {c.vision / 1e9:.3f} B, language {c.language / 1e9:.3f} B), "
-            f"trainable {c.trainable / 1e9:.3f} B")
+            f"parameters {human(c.total)} (vision {human(c.vision)}, language {human(c.language)}), "
+            f"trainable {human(c.trainable)}")
     where = "host" if plan.cpu_offload else "device"
     rows = [
         (f"weights (masters + frozen, {where})", plan.weights),
@@ -251,7 +259,8 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     if plan.cpu_offload:
         rows.append(("host total (offloaded)", plan.host_total))
-    lines = [head, f"{'':<36}{'GiB':>10}"] + [f"{name:<36}{value / GIB:>10.2f}" for name, value in rows]
+    unit, size = ("GiB", GIB) if plan.total >= GIB else ("MiB", 2**20)
+    lines = [head, f"{'':<36}{unit:>10}"] + [f"{name:<36}{value / size:>10.2f}" for name, value in rows]
     lines.append("not counted: activations, KV cache, logits chunks, CUDA context, fragmentation")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
