@@ -36,7 +36,7 @@ from vlreason.train.metrics import StepTimer
 @dataclass
 class GRPORecipeConfig(LoopConfig):
     output_dir: str = doc("Run directory.", "runs/grpo")
-    max_steps: int = doc("Optimizer steps to run.", 40)
+    max_steps: int = doc("Optimizer steps to run.", 60)
     save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 20)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
@@ -45,7 +45,7 @@ class GRPORecipeConfig(LoopConfig):
         metadata={"help": "Sampling and images."},
     )
     algorithm: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(prompts_per_step=8, micro_batch_prompts=4),
+        default_factory=lambda: GRPOConfig(prompts_per_step=16, micro_batch_prompts=4),
         metadata={"help": "GRPO settings."},
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
