@@ -186,8 +186,8 @@ def build_models(config, shape: Shape, device: torch.device, dtype: torch.dtype,
 def build_policy(args, shape: Shape, processor, model, reference):
     """vlreason's ``Policy`` over the built models; end-of-turn suppressed during sampling."""
     from vlreason.models.families import get_family
-    from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.rollout.generate import end_token_ids
+    from vlreason.rollout.policy import Policy, RolloutConfig
     from vlreason.views.budget import PixelBudget
 
     family = get_family("qwen2_5_vl")

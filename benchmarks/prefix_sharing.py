@@ -37,9 +37,9 @@ from logprob_memory import peak_bytes
 from PIL import Image
 
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
 from vlreason.models.tiny import TinySpec, tiny_model_path
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
+from vlreason.rollout.policy import Policy, RolloutConfig
 
 SIZES = {
     "tiny": TinySpec(),

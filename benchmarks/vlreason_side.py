@@ -22,7 +22,7 @@ from bench_common import (
 import vlreason.data.schema  # noqa: F401  (datasets: the recipe loads its data with it)
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.rollout.policy import Policy, RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer

@@ -71,11 +71,11 @@ from vlreason.algorithms.kl import KL_ESTIMATORS
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import decode_row_images
 from vlreason.rollout.views_forward import DIVERGENCE_KINDS, noised_prompts, view_token_terms
 from vlreason.train.distributed import world

@@ -23,10 +23,10 @@ from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer

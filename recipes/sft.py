@@ -22,10 +22,10 @@ from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig, evaluate
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.loop import LoopConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sft import SFTConfig, SFTPhases

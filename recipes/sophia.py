@@ -73,7 +73,6 @@ from vlreason.config import doc
 from vlreason.data.schema import IMAGE_PLACEHOLDER
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.reasoners import (
     Reasoner,
@@ -88,6 +87,7 @@ from vlreason.rewards import accuracy_reward, hard_format_and_correct
 from vlreason.rewards.format import is_strict_format
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.generate import SamplingConfig
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import build_prompt_batch, tokenize_targets
 from vlreason.train.distributed import global_sum, hash_seed, world
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer

@@ -99,12 +99,12 @@ from vlreason.algorithms import (
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig, resolve_dtype
-from vlreason.models.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import decode_row_images
 from vlreason.train.distributed import global_sum, hash_seed, world
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer

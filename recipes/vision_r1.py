@@ -79,11 +79,11 @@ from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig
 from vlreason.models.loading import ModelConfig, trainable_parameters
-from vlreason.models.policy import RolloutConfig
 from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer

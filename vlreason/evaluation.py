@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from vlreason.config import doc
-from vlreason.models.policy import Policy
 from vlreason.rewards.accuracy import accuracy_reward
 from vlreason.rewards.format import format_reward
 from vlreason.rollout.generate import SamplingConfig
+from vlreason.rollout.policy import Policy
 from vlreason.rollout.prompts import decode_row_images
 
 log = logging.getLogger(__name__)

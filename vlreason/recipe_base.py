@@ -63,7 +63,7 @@ def seed_everything(seed: int) -> None:
 def load_policy(cfg, *, with_reference: bool = False):
     """Seed everything, then load ``cfg.model`` as a Policy on this process's CUDA device
     when there is one (the one ``init_distributed`` selected), else on the CPU."""
-    from vlreason.models.policy import Policy
+    from vlreason.rollout.policy import Policy
 
     seed_everything(cfg.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -36,7 +36,7 @@ def _one_line_error(err: str, folder: Path, verb: str) -> None:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load (or tiny-model build for a recipe's default) fails the test."""
-    from vlreason.models.policy import Policy
+    from vlreason.rollout.policy import Policy
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the output path was checked")

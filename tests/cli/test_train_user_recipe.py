@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import RolloutConfig
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.paths import warm_model
 from vlreason.recipe_base import DataConfig, load_policy, load_split
 from vlreason.registry import register_recipe

@@ -19,7 +19,7 @@ from data_pipelines.preprocess import PreprocessError, preprocess
 from vlreason.cli import main
 from vlreason.data.images import decode_image
 from vlreason.data.schema import load_canonical
-from vlreason.models import policy as policy_module
+from vlreason.rollout import policy as policy_module
 
 
 def _png(colour=(255, 0, 0), size=(28, 28)) -> bytes:

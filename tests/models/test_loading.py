@@ -8,7 +8,7 @@ import logging
 import torch
 
 from vlreason.models.loading import LoraConfig, ModelConfig, load_model, resolve_attn, resolve_dtype
-from vlreason.models.policy import Policy, RolloutConfig
+from vlreason.rollout.policy import Policy, RolloutConfig
 
 
 def test_dtype_auto_is_fp32_on_cpu():

@@ -20,8 +20,8 @@ def _setup():
     from vlreason.data.schema import load_canonical
     from vlreason.data.stream import RowStream
     from vlreason.models.loading import ModelConfig
-    from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.paths import demo_data
+    from vlreason.rollout.policy import Policy, RolloutConfig
     from vlreason.train.grpo import GRPOConfig, GRPOPhases
 
     torch.manual_seed(0)

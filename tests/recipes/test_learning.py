@@ -20,7 +20,7 @@ def _accuracy(model_dir, data, **overrides) -> float:
     from vlreason.data.schema import load_canonical
     from vlreason.evaluation import EvalConfig, evaluate
     from vlreason.models.loading import ModelConfig
-    from vlreason.models.policy import Policy, RolloutConfig
+    from vlreason.rollout.policy import Policy, RolloutConfig
 
     policy = Policy.load(ModelConfig(name_or_path=str(model_dir)), RolloutConfig())
     summary, _ = evaluate(policy, load_canonical(data), EvalConfig(max_new_tokens=40, **overrides))

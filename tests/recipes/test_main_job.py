@@ -38,8 +38,8 @@ def test_heldout_eval_before_first_and_after_last_step(tmp_path, capsys):
     from vlreason.data.schema import load_canonical
     from vlreason.evaluation import EvalConfig, evaluate
     from vlreason.models.loading import ModelConfig
-    from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.paths import demo_data
+    from vlreason.rollout.policy import Policy, RolloutConfig
 
     policy = Policy.load(ModelConfig(name_or_path=str(run / "final")), RolloutConfig(max_pixels=12544))
     again, _ = evaluate(policy, load_canonical(demo_data("eval")),

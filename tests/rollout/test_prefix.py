@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
 from vlreason.models.tiny import FAMILIES, family_available, tiny_model_path
 from vlreason.rollout.batch import PromptBatch
 from vlreason.rollout.generate import VISION_TOKENS, end_token_ids, sample_with_generate
+from vlreason.rollout.policy import Policy, RolloutConfig
 from vlreason.rollout.prefix import DecodeSettings, prefill, sample_with_shared_prefix
 
 G = 4

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from vlreason.models.loading import ModelConfig
-from vlreason.models.policy import Policy, RolloutConfig
 from vlreason.models.tiny import FAMILIES, family_available, tiny_model_path
 from vlreason.rollout.forward import completion_hidden_states
 from vlreason.rollout.generate import VISION_TOKENS, completion_masks
+from vlreason.rollout.policy import Policy, RolloutConfig
 
 G = 4
 

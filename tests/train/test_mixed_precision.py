@@ -57,8 +57,8 @@ def _policy(dtype: str):
     from vlreason.data.schema import load_canonical
     from vlreason.data.stream import RowStream
     from vlreason.models.loading import ModelConfig
-    from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.paths import demo_data, warm_model
+    from vlreason.rollout.policy import Policy, RolloutConfig
     from vlreason.train.grpo import GRPOConfig, GRPOPhases
 
     policy = Policy.load(ModelConfig(name_or_path=str(warm_model()), dtype=dtype),

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from vlreason.data.schema import load_canonical
     from vlreason.evaluation import evaluate
     from vlreason.models.loading import ModelConfig
-    from vlreason.models.policy import Policy, RolloutConfig
     from vlreason.outputs import OutputPathError, prepare_output
+    from vlreason.rollout.policy import Policy, RolloutConfig
     from vlreason.rollout.prompts import PromptConfig
 
     try:

@@ -24,9 +24,9 @@ from vlreason.algorithms import (
 )
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
-from vlreason.models.policy import Policy
 from vlreason.rewards import get_reward
 from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.policy import Policy
 from vlreason.rollout.prompts import decode_row_images
 from vlreason.train.distributed import global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer

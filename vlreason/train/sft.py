@@ -17,8 +17,8 @@ import torch
 from vlreason.algorithms import aggregate, aggregate_sum_and_count
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
-from vlreason.models.policy import Policy
 from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.policy import Policy
 from vlreason.rollout.prompts import tokenize_targets
 from vlreason.train.distributed import global_sum, world
 from vlreason.train.metrics import StepTimer
