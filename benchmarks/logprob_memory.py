@@ -35,7 +35,8 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vlreason.rollout.chunked import chunked_entropy, gather_logprobs, reference_gather_logprobs
+from vlreason.rollout.chunked import gather_logprobs, reference_gather_logprobs
+from vlreason.rollout.chunked_entropy import chunked_entropy
 
 VOCAB = 151_936
 

@@ -9,12 +9,12 @@ import torch
 
 from vlreason.rollout.chunked import (
     ChunkedGatherLogProbs,
-    chunked_entropy,
     chunked_logsumexp,
     chunked_topk,
     gather_logprobs,
     reference_gather_logprobs,
 )
+from vlreason.rollout.chunked_entropy import chunked_entropy
 
 H = 16
 

@@ -28,7 +28,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vlreason.rollout.chunked import chunked_entropy, gather_logprobs, reference_gather_logprobs
+from vlreason.rollout.chunked import gather_logprobs, reference_gather_logprobs
+from vlreason.rollout.chunked_entropy import chunked_entropy
 
 V, H, M = 151_936, 64, 1_024
 FLOAT = 4  # bytes

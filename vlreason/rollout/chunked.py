@@ -1,4 +1,4 @@
-"""Memory-bounded per-token log-probs, entropies and top-k from last hidden states.
+"""Memory-bounded per-token log-probs and top-k from last hidden states.
 
 A VLM's language head maps a hidden state ``h`` (size H) to logits ``z = h @ W.T`` over a
 vocabulary of V = 151,936 tokens. For M completion positions the full logits are an
@@ -31,7 +31,7 @@ Public API
     convenience wrapper (1-D ids -> 1-D output, ``[*, K]`` ids -> ``[*, K]`` output).
 :func:`reference_gather_logprobs`
     the plain, full-vocabulary reference (for tests and benchmarks only).
-:class:`ChunkedEntropy`, :func:`chunked_entropy`
+:mod:`vlreason.rollout.chunked_entropy` (``ChunkedEntropy``, ``chunked_entropy``)
     per-position entropy of ``softmax(h @ W.T)``, optionally differentiable (same memory
     scheme: saves two floats per row, recomputes logits in backward).
 :func:`chunked_topk`
@@ -40,6 +40,11 @@ Public API
     calls it at the same ids without grad.
 :func:`chunked_logsumexp`
     per-position log-partition ``logsumexp(h @ W.T)`` (no grad).
+:func:`chunked_full_kl`
+    exact per-position ``KL(P || Q)`` over the vocabulary for two sets of hidden states.
+
+The chunk loop itself (input checks, dtype rules, one chunk's logits, the in-place
+log-sum-exp, the shared backward loop) is :mod:`vlreason.rollout.chunk_loop`.
 
 Memory (float32 inputs, chunk C; measured by tests/rollout/test_chunked_memory.py)
 -------------------------------------------------------------------------------------
@@ -64,130 +69,31 @@ i.e. 4 instead of 3 head-sized matmuls for forward + backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from vlreason.rollout.chunk_loop import (
+    DEFAULT_CHUNK_SIZE,
+    check_inputs,
+    chunk_logits,
+    chunked_backward,
+    logsumexp_,
+    math_dtype_of,
+    matmul_dtype_of,
+    weight_for_matmul,
+)
+
 __all__ = [
-    "ChunkedEntropy",
+    "DEFAULT_CHUNK_SIZE",
     "ChunkedGatherLogProbs",
-    "chunked_entropy",
+    "chunked_full_kl",
     "chunked_logsumexp",
     "chunked_topk",
     "gather_logprobs",
     "reference_gather_logprobs",
 ]
-
-DEFAULT_CHUNK_SIZE = 1024
-
-
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-
-
-def _math_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16 / fp16 math is upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype of the logits matmul: the promotion of the two input dtypes."""
-    return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def _check_inputs(hidden_MH: Tensor, weight_VH: Tensor, chunk_size: int) -> None:
-    if hidden_MH.dim() != 2:
-        raise ValueError(f"hidden_MH must be [M, H], got shape {tuple(hidden_MH.shape)}")
-    if weight_VH.dim() != 2:
-        raise ValueError(f"weight_VH must be [V, H], got shape {tuple(weight_VH.shape)}")
-    if hidden_MH.shape[1] != weight_VH.shape[1]:
-        raise ValueError(
-            f"hidden size differs: hidden_MH {tuple(hidden_MH.shape)}, "
-            f"weight_VH {tuple(weight_VH.shape)}"
-        )
-    if not (hidden_MH.is_floating_point() and weight_VH.is_floating_point()):
-        raise TypeError("hidden_MH and weight_VH must be floating point")
-    if hidden_MH.device != weight_VH.device:
-        raise ValueError(f"hidden on {hidden_MH.device}, weight on {weight_VH.device}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def _chunk_logits(h_CH: Tensor, w_VH: Tensor, math_dtype: torch.dtype) -> Tensor:
-    """``(h @ w.T)`` in the (promoted) input dtype, then upcast to ``math_dtype``.
-
-    ``w_VH`` must already be in the matmul dtype (cast once by the caller, not per chunk).
-    """
-    return (h_CH.to(w_VH.dtype) @ w_VH.T).to(math_dtype)
-
-
-def _weight_for_matmul(hidden_MH: Tensor, weight_VH: Tensor) -> Tensor:
-    """``weight_VH`` in the matmul dtype; a no-op (no copy) when the dtypes already agree."""
-    return weight_VH.to(_matmul_dtype(hidden_MH, weight_VH))
-
-
-def _logsumexp_(logits_CV: Tensor) -> Tensor:
-    """Row-wise log-sum-exp that overwrites ``logits_CV`` (no ``[C, V]`` temporary).
-
-    Rows whose maximum is not finite fall back to the max itself (``-inf`` for an all
-    ``-inf`` row, ``inf`` / ``nan`` propagate), matching ``torch.logsumexp``.
-    """
-    max_C = logits_CV.amax(dim=-1)
-    shift_C = torch.where(torch.isfinite(max_C), max_C, torch.zeros_like(max_C))
-    return logits_CV.sub_(shift_C[:, None]).exp_().sum(dim=-1).log_().add_(shift_C)
-
-
-def _chunked_backward(
-    hidden_MH: Tensor,
-    weight_VH: Tensor,
-    math_dtype: torch.dtype,
-    chunk_size: int,
-    need_hidden: bool,
-    need_weight: bool,
-    grad_logits: Callable[[int, int, Tensor], Tensor],
-) -> tuple[Tensor | None, Tensor | None]:
-    """Chunk loop shared by the backward passes.
-
-    For each chunk ``[start, stop)`` the logits are recomputed into a fresh ``[C, V]``
-    buffer and handed to ``grad_logits(start, stop, logits_CV)``, which returns the
-    gradient w.r.t. those logits (it may, and should, overwrite the buffer). Then
-    ``grad_hidden[chunk] = grad_logits @ W`` and ``grad_weight += grad_logits.T @ h``;
-    ``grad_weight`` is accumulated in ``math_dtype`` (float32 / float64) and cast to the
-    weight's dtype at the end. A gradient that is not needed is ``None`` and not computed.
-    """
-    M = hidden_MH.shape[0]
-    w_VH = _weight_for_matmul(hidden_MH, weight_VH)
-    mm_dtype = w_VH.dtype
-    grad_hidden_MH = torch.empty_like(hidden_MH) if need_hidden else None
-    # addmm_ straight into the accumulator when the matmul dtype is the accumulation
-    # dtype; else (bf16 / fp16) one [V, H] matmul-dtype temporary per chunk.
-    grad_weight_VH = (
-        torch.zeros(weight_VH.shape, dtype=math_dtype, device=weight_VH.device)
-        if need_weight
-        else None
-    )
-    for start in range(0, M, chunk_size):
-        stop = min(start + chunk_size, M)
-        h_CH = hidden_MH[start:stop]
-        gl_CV = grad_logits(start, stop, _chunk_logits(h_CH, w_VH, math_dtype))
-        gl_mm_CV = gl_CV if mm_dtype == gl_CV.dtype else gl_CV.to(mm_dtype)
-        del gl_CV
-        if grad_hidden_MH is not None:
-            grad_hidden_MH[start:stop] = (gl_mm_CV @ w_VH).to(hidden_MH.dtype)
-        if grad_weight_VH is not None:
-            h_mm_CH = h_CH.to(mm_dtype)
-            if mm_dtype == math_dtype:
-                grad_weight_VH.addmm_(gl_mm_CV.T, h_mm_CH)
-            else:
-                grad_weight_VH.add_(gl_mm_CV.T @ h_mm_CH)
-        del gl_mm_CV
-    if grad_weight_VH is not None:
-        grad_weight_VH = grad_weight_VH.to(weight_VH.dtype)
-    return grad_hidden_MH, grad_weight_VH
 
 
 # --------------------------------------------------------------------------------------
@@ -232,7 +138,7 @@ class ChunkedGatherLogProbs(torch.autograd.Function):
         ids_MK: Tensor,
         chunk_size: int,
     ) -> Tensor:
-        _check_inputs(hidden_MH, weight_VH, chunk_size)
+        check_inputs(hidden_MH, weight_VH, chunk_size)
         M, V = hidden_MH.shape[0], weight_VH.shape[0]
         if ids_MK.dim() != 2 or ids_MK.shape[0] != M:
             raise ValueError(f"ids_MK must be [M={M}, K], got shape {tuple(ids_MK.shape)}")
@@ -242,15 +148,15 @@ class ChunkedGatherLogProbs(torch.autograd.Function):
         if ids_MK.numel() > 0 and (int(ids_MK.min()) < 0 or int(ids_MK.max()) >= V):
             raise IndexError(f"ids_MK out of range [0, {V})")
 
-        math_dtype = _math_dtype(hidden_MH, weight_VH)
-        w_VH = _weight_for_matmul(hidden_MH, weight_VH)
+        math_dtype = math_dtype_of(hidden_MH, weight_VH)
+        w_VH = weight_for_matmul(hidden_MH, weight_VH)
         out_MK = torch.empty(ids_MK.shape, dtype=math_dtype, device=hidden_MH.device)
         lse_M = torch.empty(M, dtype=math_dtype, device=hidden_MH.device)
         for start in range(0, M, chunk_size):
             stop = min(start + chunk_size, M)
-            logits_CV = _chunk_logits(hidden_MH[start:stop], w_VH, math_dtype)
+            logits_CV = chunk_logits(hidden_MH[start:stop], w_VH, math_dtype)
             picked_CK = logits_CV.gather(1, ids_MK[start:stop])
-            lse_C = _logsumexp_(logits_CV)  # overwrites logits_CV
+            lse_C = logsumexp_(logits_CV)  # overwrites logits_CV
             del logits_CV
             lse_M[start:stop] = lse_C
             out_MK[start:stop] = picked_CK - lse_C[:, None]
@@ -279,7 +185,7 @@ class ChunkedGatherLogProbs(torch.autograd.Function):
             logits_CV.mul_(-g_CK.sum(dim=-1, keepdim=True))
             return logits_CV.scatter_add_(1, ids_MK[start:stop], g_CK)
 
-        grad_hidden_MH, grad_weight_VH = _chunked_backward(
+        grad_hidden_MH, grad_weight_VH = chunked_backward(
             hidden_MH, weight_VH, lse_M.dtype, chunk_size, need_hidden, need_weight, grad_logits
         )
         return grad_hidden_MH, grad_weight_VH, None, None
@@ -338,179 +244,16 @@ def reference_gather_logprobs(hidden_MH: Tensor, weight_VH: Tensor, ids_M_or_MK:
     :func:`gather_logprobs` (matmul in the input dtype, softmax in float32 / float64).
     """
     hidden_MH2, ids_MK, out_shape = _flatten_for_gather(hidden_MH, ids_M_or_MK)
-    math_dtype = _math_dtype(hidden_MH2, weight_VH)
-    mm_dtype = _matmul_dtype(hidden_MH2, weight_VH)
+    math_dtype = math_dtype_of(hidden_MH2, weight_VH)
+    mm_dtype = matmul_dtype_of(hidden_MH2, weight_VH)
     logits_MV = (hidden_MH2.to(mm_dtype) @ weight_VH.to(mm_dtype).T).to(math_dtype)
     logprobs_MV = torch.log_softmax(logits_MV, dim=-1)
     return logprobs_MV.gather(1, ids_MK.long()).reshape(out_shape)
 
 
 # --------------------------------------------------------------------------------------
-# entropy, top-k, log-sum-exp
+# top-k, log-sum-exp, full KL
 # --------------------------------------------------------------------------------------
-
-
-def _entropy_of_chunk(h_CH: Tensor, w_VH: Tensor, math_dtype: torch.dtype) -> Tensor:
-    """``H = lse - sum_v softmax_v * z_v`` for one chunk with plain (differentiable) ops."""
-    logits_CV = _chunk_logits(h_CH, w_VH, math_dtype)
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    probs_CV = torch.softmax(logits_CV, dim=-1)
-    return lse_C - (probs_CV * logits_CV).sum(dim=-1)
-
-
-def _entropy_and_lse_(logits_CV: Tensor) -> tuple[Tensor, Tensor]:
-    """Row entropy and log-sum-exp of ``logits_CV`` (overwritten), one extra [C, V] buffer.
-
-    With ``m`` the row max, ``e = exp(z - m)``, ``s = sum e``: ``lse = m + log s`` and
-    ``H = log s - sum e (z - m) / s`` (shifted logits avoid cancellation).
-    """
-    max_C = logits_CV.amax(dim=-1)
-    shift_C = torch.where(torch.isfinite(max_C), max_C, torch.zeros_like(max_C))
-    shifted_CV = logits_CV.sub_(shift_C[:, None])
-    e_CV = shifted_CV.exp()
-    sum_C = e_CV.sum(dim=-1)
-    # e * (z - m) with 0 * -inf := 0 (tokens of zero probability contribute nothing)
-    weighted_C = e_CV.mul_(shifted_CV).nan_to_num_(nan=0.0).sum(dim=-1)
-    log_sum_C = sum_C.log()
-    return log_sum_C - weighted_C / sum_C, log_sum_C + shift_C
-
-
-class ChunkedEntropy(torch.autograd.Function):
-    """``entropy_M[m] = -sum_v p_mv log p_mv`` with ``p = softmax(hidden_MH @ weight_VH.T)``.
-
-    Same chunking and memory behaviour as :class:`ChunkedGatherLogProbs`: forward keeps
-    for backward only ``hidden``, ``weight`` (references) and two floats per row (the
-    log-sum-exp and the entropy); at most two ``[C, V]`` buffers exist at a time, in
-    forward and in backward. Backward recomputes each chunk's logits and uses
-    ``dH/dz_v = -p_v (log p_v + H)``, so ``grad_logits = -g p (log p + H)``.
-
-    Args (``apply`` is positional): ``hidden_MH [M, H]``, ``weight_VH [V, H]``,
-    ``chunk_size``. Returns ``[M]`` float32 (float64 for float64 input). Not twice
-    differentiable.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, hidden_MH: Tensor, weight_VH: Tensor, chunk_size: int
-    ) -> Tensor:
-        _check_inputs(hidden_MH, weight_VH, chunk_size)
-        math_dtype = _math_dtype(hidden_MH, weight_VH)
-        w_VH = _weight_for_matmul(hidden_MH, weight_VH)
-        M = hidden_MH.shape[0]
-        entropy_M = torch.empty(M, dtype=math_dtype, device=hidden_MH.device)
-        lse_M = torch.empty(M, dtype=math_dtype, device=hidden_MH.device)
-        for start in range(0, M, chunk_size):
-            stop = min(start + chunk_size, M)
-            logits_CV = _chunk_logits(hidden_MH[start:stop], w_VH, math_dtype)
-            entropy_M[start:stop], lse_M[start:stop] = _entropy_and_lse_(logits_CV)
-            del logits_CV
-        ctx.save_for_backward(hidden_MH, weight_VH, lse_M, entropy_M)
-        ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
-        return entropy_M
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, grad_out_M: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None]:
-        hidden_MH, weight_VH, lse_M, entropy_M = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
-        if not (need_hidden or need_weight):
-            return None, None, None
-        grad_out_M = grad_out_M.to(lse_M.dtype)
-
-        def grad_logits(start: int, stop: int, logits_CV: Tensor) -> Tensor:
-            logp_CV = logits_CV.sub_(lse_M[start:stop, None])
-            p_CV = logp_CV.exp()
-            logp_CV.add_(entropy_M[start:stop, None]).mul_(p_CV)
-            del p_CV
-            # 0 * -inf := 0 for tokens of zero probability
-            logp_CV.nan_to_num_(nan=0.0)
-            return logp_CV.mul_(-grad_out_M[start:stop, None])
-
-        grad_hidden_MH, grad_weight_VH = _chunked_backward(
-            hidden_MH,
-            weight_VH,
-            lse_M.dtype,
-            ctx.chunk_size,  # type: ignore[attr-defined]
-            need_hidden,
-            need_weight,
-            grad_logits,
-        )
-        return grad_hidden_MH, grad_weight_VH, None
-
-
-def chunked_entropy(
-    hidden_MH: Tensor,
-    weight_VH: Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_grad: bool = False,
-    *,
-    backend: str = "function",
-) -> Tensor:
-    """Entropy ``H_m = -sum_v p_mv log p_mv`` of ``p = softmax(hidden @ W.T)`` per position.
-
-    Args:
-        hidden_MH: ``[M, H]`` (or ``[*, H]``) hidden states.
-        weight_VH: ``[V, H]`` LM-head weight.
-        chunk_size: positions per chunk.
-        with_grad: ``False``: every chunk runs under ``torch.no_grad`` (metrics); the
-            result is detached; peak extra memory two ``[chunk, V]`` float32 buffers.
-            ``True`` (and grad enabled, and an input requires grad): differentiable
-            w.r.t. ``hidden`` and ``weight`` (DVRP's entropy terms), via ``backend``.
-        backend: how the differentiable path keeps memory bounded.
-
-            - ``"function"`` (default): :class:`ChunkedEntropy`, a hand-written backward.
-              Saves two floats per row besides references to the inputs; at most two
-              ``[chunk, V]`` buffers (+ the float32 ``grad_weight`` accumulator) at a
-              time in forward and backward.
-            - ``"checkpoint"``: plain ops per chunk, each chunk wrapped in
-              ``torch.utils.checkpoint`` (non-reentrant), which keeps only the chunk's
-              inputs (a view of ``hidden`` and ``weight``) for backward. In backward a
-              chunk's logits are recomputed, its graph (logits, softmax, products and
-              their gradients: about five ``[chunk, V]`` float32 tensors, measured) is
-              run and freed before the next chunk's recompute -- the autograd engine
-              finishes the most recently built chunk's graph first -- so the peak does
-              not grow with M, but it is ~2.5x that of ``"function"`` and, measured on
-              CPU (``benchmarks/logprob_memory.py --entropy``), several times slower.
-              Kept as an independent cross-check.
-
-    Returns:
-        ``[M]`` (or ``[*]``) entropies in float32 (float64 for float64 input), in nats.
-    """
-    if backend not in ("function", "checkpoint"):
-        raise ValueError(f"backend must be 'function' or 'checkpoint', got {backend!r}")
-    lead = hidden_MH.shape[:-1]
-    hidden_MH = hidden_MH.reshape(-1, hidden_MH.shape[-1])
-    _check_inputs(hidden_MH, weight_VH, chunk_size)
-    math_dtype = _math_dtype(hidden_MH, weight_VH)
-    M = hidden_MH.shape[0]
-    differentiable = (
-        with_grad
-        and torch.is_grad_enabled()
-        and (hidden_MH.requires_grad or weight_VH.requires_grad)
-    )
-    if not differentiable:
-        with torch.no_grad():
-            return ChunkedEntropy.apply(hidden_MH, weight_VH, chunk_size).reshape(lead)
-    if backend == "function":
-        return ChunkedEntropy.apply(hidden_MH, weight_VH, chunk_size).reshape(lead)
-
-    if M == 0:
-        # keep the result connected to the graph so that backward() works
-        return (hidden_MH.sum(-1) * 0).to(math_dtype) + (weight_VH.sum() * 0).to(math_dtype)
-    # The dtype cast of the weight (if any) happens inside the checkpointed function so
-    # that no cast copy is saved for backward.
-    mm_dtype = _matmul_dtype(hidden_MH, weight_VH)
-
-    def one_chunk(h_CH: Tensor, w_VH: Tensor) -> Tensor:
-        return _entropy_of_chunk(h_CH, w_VH.to(mm_dtype), math_dtype)
-
-    pieces = [
-        checkpoint(one_chunk, hidden_MH[start : start + chunk_size], weight_VH, use_reentrant=False)
-        for start in range(0, M, chunk_size)
-    ]
-    return torch.cat(pieces).reshape(lead)
 
 
 @torch.no_grad()
@@ -537,20 +280,20 @@ def chunked_topk(
     """
     lead = hidden_MH.shape[:-1]
     hidden_MH = hidden_MH.reshape(-1, hidden_MH.shape[-1])
-    _check_inputs(hidden_MH, weight_VH, chunk_size)
+    check_inputs(hidden_MH, weight_VH, chunk_size)
     V = weight_VH.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
         raise ValueError(f"k must be an int in [1, V={V}], got {k!r}")
-    math_dtype = _math_dtype(hidden_MH, weight_VH)
-    w_VH = _weight_for_matmul(hidden_MH, weight_VH)
+    math_dtype = math_dtype_of(hidden_MH, weight_VH)
+    w_VH = weight_for_matmul(hidden_MH, weight_VH)
     M = hidden_MH.shape[0]
     values_MK = torch.empty(M, k, dtype=math_dtype, device=hidden_MH.device)
     ids_MK = torch.empty(M, k, dtype=torch.long, device=hidden_MH.device)
     for start in range(0, M, chunk_size):
         stop = min(start + chunk_size, M)
-        logits_CV = _chunk_logits(hidden_MH[start:stop], w_VH, math_dtype)
+        logits_CV = chunk_logits(hidden_MH[start:stop], w_VH, math_dtype)
         top_CK, ids_MK[start:stop] = logits_CV.topk(k, dim=-1)
-        values_MK[start:stop] = top_CK - _logsumexp_(logits_CV)[:, None]
+        values_MK[start:stop] = top_CK - logsumexp_(logits_CV)[:, None]
         del logits_CV
     return values_MK.reshape(*lead, k), ids_MK.reshape(*lead, k)
 
@@ -568,14 +311,14 @@ def chunked_logsumexp(
     """
     lead = hidden_MH.shape[:-1]
     hidden_MH = hidden_MH.reshape(-1, hidden_MH.shape[-1])
-    _check_inputs(hidden_MH, weight_VH, chunk_size)
-    math_dtype = _math_dtype(hidden_MH, weight_VH)
-    w_VH = _weight_for_matmul(hidden_MH, weight_VH)
+    check_inputs(hidden_MH, weight_VH, chunk_size)
+    math_dtype = math_dtype_of(hidden_MH, weight_VH)
+    w_VH = weight_for_matmul(hidden_MH, weight_VH)
     M = hidden_MH.shape[0]
     lse_M = torch.empty(M, dtype=math_dtype, device=hidden_MH.device)
     for start in range(0, M, chunk_size):
         stop = min(start + chunk_size, M)
-        lse_M[start:stop] = _logsumexp_(_chunk_logits(hidden_MH[start:stop], w_VH, math_dtype))
+        lse_M[start:stop] = logsumexp_(chunk_logits(hidden_MH[start:stop], w_VH, math_dtype))
     return lse_M.reshape(lead)
 
 
@@ -587,8 +330,6 @@ def chunked_full_kl(hidden_p_MH: Tensor, hidden_q_MH: Tensor, weight_VH: Tensor,
     With gradients each chunk runs under activation checkpointing: backward recomputes
     that chunk's logits, so no ``[M, V]`` tensor is ever kept.
     """
-    from torch.utils.checkpoint import checkpoint
-
     from vlreason.algorithms.divergence import kl_from_logits
 
     def one(hp: Tensor, hq: Tensor, w: Tensor) -> Tensor:

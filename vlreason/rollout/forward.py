@@ -14,7 +14,8 @@ import torch
 
 from vlreason.models.families import Family
 from vlreason.rollout.batch import RolloutBatch
-from vlreason.rollout.chunked import chunked_entropy, chunked_topk, gather_logprobs
+from vlreason.rollout.chunked import chunked_topk, gather_logprobs
+from vlreason.rollout.chunked_entropy import chunked_entropy
 
 
 @dataclass

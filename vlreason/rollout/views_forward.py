@@ -19,7 +19,8 @@ import torch
 from vlreason.algorithms.divergence import sampled_token_kl
 from vlreason.models.families import Family
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
-from vlreason.rollout.chunked import chunked_entropy, chunked_full_kl, gather_logprobs
+from vlreason.rollout.chunked import chunked_full_kl, gather_logprobs
+from vlreason.rollout.chunked_entropy import chunked_entropy
 from vlreason.rollout.forward import completion_hidden_states, pixel_rows
 from vlreason.views.noise import NUM_STEPS, noise_pixel_values
 
