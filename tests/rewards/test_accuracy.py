@@ -1,13 +1,16 @@
 """Accuracy reward: letters, numbers, math-verify, short text, hacks, the time limit."""
 
-import threading
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import vlreason.rewards.accuracy as acc
-from vlreason.rewards import accuracy_reward, answers_match, call_with_timeout
+from vlreason.rewards import accuracy_reward, answers_match, math_worker
+
+# Parsing this as nested sets takes sympy minutes (evalf recurses through every level).
+SLOW_ANSWER = "{" * 40 + "1" + "}" * 40
+SLOW_TRUTH = "10^{10^{10}}"
 
 
 def wrap(answer: str) -> str:
@@ -121,47 +124,41 @@ def test_math_verify_works_in_worker_threads():
         assert [f.result() for f in futures] == [1.0] * 4
 
 
-def _slow(*args, **kwargs):
-    time.sleep(5)
-    return True
-
-
-def test_timeout_main_thread_returns_zero_quickly(monkeypatch):
-    monkeypatch.setattr(acc, "_mv_equal", _slow)
+def test_timeout_returns_zero_quickly():
+    math_worker.warm_up()
     start = time.monotonic()
-    assert accuracy_reward(wrap("\\frac{1}{2}"), "0.5", timeout_s=0.2) == 0.0
-    assert time.monotonic() - start < 1.5
-    # plain numbers never reach math-verify
-    assert accuracy_reward(wrap("3.0"), "3", timeout_s=0.2) == 1.0
+    assert accuracy_reward(wrap(SLOW_ANSWER), SLOW_TRUTH, timeout_s=0.3) == 0.0
+    assert time.monotonic() - start < 0.3 + math_worker.ZYGOTE_GRACE_S
+    # plain numbers never reach math-verify; and the checker works again after the kill
+    assert accuracy_reward(wrap("3.0"), "3", timeout_s=0.3) == 1.0
+    assert accuracy_reward(wrap("\\frac{1}{2}"), "0.5", timeout_s=5.0) == 1.0
 
 
-def test_timeout_worker_thread_returns_zero_quickly(monkeypatch):
-    release = threading.Event()
-
-    def slow(*args, **kwargs):
-        release.wait(5)
-        return True
-
-    monkeypatch.setattr(acc, "_mv_equal", slow)
+def test_timeout_in_a_worker_thread_returns_zero_quickly():
+    math_worker.warm_up()
     start = time.monotonic()
     with ThreadPoolExecutor(1) as pool:
-        result = pool.submit(accuracy_reward, wrap("\\frac{1}{2}"), "0.5", timeout_s=0.2).result()
-    elapsed = time.monotonic() - start
-    release.set()
-    assert result == 0.0 and elapsed < 1.5
+        result = pool.submit(accuracy_reward, wrap(SLOW_ANSWER), SLOW_TRUTH, timeout_s=0.3).result()
+    assert result == 0.0
+    assert time.monotonic() - start < 0.3 + math_worker.ZYGOTE_GRACE_S
 
 
-def test_call_with_timeout_restores_previous_timer():
-    import signal
-
+def test_a_timeout_leaves_the_callers_own_timer_alone():
+    """Nothing in this process is interrupted: an alarm the caller set still fires, once,
+    with the caller's handler, while a check times out in the worker."""
     fired = []
-    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+
+    def handler(*args):
+        fired.append(1)
+
+    previous = signal.signal(signal.SIGALRM, handler)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
-        assert call_with_timeout(lambda: 7, 0.1) == (True, 7)
-        assert call_with_timeout(lambda: time.sleep(1), 0.05) == (False, None)
+        assert accuracy_reward(wrap("2^{10}"), "1024") == 1.0
+        assert accuracy_reward(wrap(SLOW_ANSWER), SLOW_TRUTH, timeout_s=0.2) == 0.0
         time.sleep(0.8)
-        assert fired == [1]  # the outer timer still fired, with the outer handler
+        assert fired == [1]
+        assert signal.getsignal(signal.SIGALRM) is handler
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -171,8 +168,8 @@ def test_checker_errors_score_zero(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("sympy exploded")
 
-    monkeypatch.setattr(acc, "_mv_equal_unguarded", boom)
-    assert accuracy_reward(wrap("\\frac{1}{2}"), "0.5") == 0.0
+    monkeypatch.setattr(math_worker, "mv_equal_unguarded", boom)
+    assert math_worker.mv_equal("$\\frac{1}{2}$", "$0.5$") is False
 
 
 def test_answers_match_edge_cases():

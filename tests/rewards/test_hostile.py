@@ -6,9 +6,9 @@ Bounds asserted per reward call (see ``_score``):
 - wall clock: at most ``timeout_s + SLACK_S`` seconds, where ``timeout_s`` is the
   math-verify time limit passed through ``info`` (the registry rewards take it as
   ``**info``) and ``SLACK_S = 4`` s covers everything outside math-verify on a loaded
-  2-core machine (regexes over a megabyte, interpreter signal latency). The default limit
-  (5 s) is checked once on the slowest known answer, ``10^10^10^10``. The one-time
-  import of math-verify and sympy (untimed, seconds) happens before, in a fixture.
+  2-core machine (regexes over a megabyte, killing and reaping a worker past its limit).
+  The default limit (5 s) is checked once on the slowest known answer, ``10^10^10^10``.
+  The math-verify worker process is started before, untimed, in a fixture.
 - memory: tracemalloc peak (Python allocations only; sympy's own C memory is not seen)
   at most ``BASE_BYTES + PER_CHAR_BYTES * len(completion)`` = 32 MiB + 16 bytes per
   character (a str takes up to 4 bytes a character, and a few copies are made: strip,
@@ -22,8 +22,11 @@ to become a Fraction (now a Decimal), ``1e999`` box coordinates reached the IoU 
 as ``inf``, and -- worst -- sympy computed ``10 ** 10**10`` and ``(10^{10})!`` exactly in C
 calls that hold the GIL, so neither the SIGALRM limit nor the worker-thread limit could
 stop them (a call that never returned; vlreason.rewards.power_guard now refuses them);
-and the first math check of a process imported sympy under the time limit, so a timeout
-there broke every later check (now imported untimed, once).
+the first math check of a process imported sympy under the time limit, so a timeout
+there broke every later check; and an interrupt raised into sympy by the in-process
+``SIGALRM`` limit could leave its state broken: CI once hung for over an hour on "40 nested
+braces". math-verify now runs in a worker process that is killed past its limit
+(vlreason.rewards.math_worker; tests/rewards/test_math_worker.py).
 """
 
 from __future__ import annotations
@@ -110,13 +113,12 @@ def _score(name: str, completion: str, ground_truth: str, timeout_s: float, **in
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _math_verify_imported():
-    """The first math check of a process imports math-verify and sympy once, untimed (see
-    test_a_timeout_during_the_first_check_does_not_break_later_checks); the per-call
-    bounds below are for every call after that."""
-    from vlreason.rewards import accuracy
+def _math_worker_started():
+    """The math-verify worker (a process that imports sympy: seconds) starts once, untimed;
+    the per-call bounds below are for every call after that."""
+    from vlreason.rewards import math_worker
 
-    accuracy._warm_up()
+    math_worker.warm_up()
 
 
 def test_registry_holds_the_rewards_under_test():
@@ -144,9 +146,9 @@ def test_default_time_limit_bounds_the_slowest_known_answer():
 
 @pytest.mark.parametrize("answer", ["10^{10^{10}}", "(10^{10})!", "\\frac{10^{10^6}}{3^{10^6}}"])
 def test_time_limit_holds_off_the_main_thread(answer):
-    """In a worker thread (no SIGALRM) the call is abandoned after the limit, not awaited;
-    sympy's exact powers and factorials, which hold the GIL and so would stall the caller
-    too, are refused (vlreason.rewards.power_guard)."""
+    """From a thread other than the main one the limit holds the same way (the check runs
+    in the worker process either way); sympy's exact powers and factorials, which hold the
+    GIL, are refused inside the worker (vlreason.rewards.power_guard)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         start = time.monotonic()
         value = pool.submit(

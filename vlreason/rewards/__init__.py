@@ -5,7 +5,7 @@ what it does not use. Pick one by name from :data:`REWARDS`, or load a user rewa
 :func:`load_reward` (``"package.module:function"``).
 """
 
-from vlreason.rewards.accuracy import accuracy_reward, answers_match, call_with_timeout, math_equal
+from vlreason.rewards.accuracy import accuracy_reward, answers_match, math_equal
 from vlreason.rewards.combine import (
     REWARDS,
     RewardFn,
@@ -25,7 +25,6 @@ __all__ = [
     "accuracy_reward",
     "answers_match",
     "box_iou",
-    "call_with_timeout",
     "extract_answer",
     "format_reward",
     "get_reward",

@@ -26,39 +26,31 @@ Comparison, first rule that applies wins:
    characters (no real answer is that long; parsing one costs memory and time that the
    time limit alone does not bound: a megabyte answer took ~190 MB in math-verify).
 
-Time limit: math-verify's own timeouts use ``signal.alarm`` and raise in non-main threads,
-so they are switched off (``parsing_timeout=None``, ``timeout_seconds=None``) and replaced:
-in the main thread by a ``SIGALRM`` interval timer around the whole parse + verify (the
-computation is interrupted; a previously armed timer and handler are restored); in any
-other thread the check runs in a daemon worker thread and the caller stops waiting after
-``timeout_s`` (Python cannot interrupt a thread: the worker finishes, or not, in the
-background, but the reward call returns 0 on time).
+Time limit: math-verify runs in a worker process (:mod:`vlreason.rewards.math_worker`)
+that is killed and replaced when a check runs past ``timeout_s``; the answer then scores
+0. Nothing in this process is interrupted, so no sympy state is left half-updated, and a
+C call that holds the GIL (``10 ** 10**10``) stalls only the worker. Works the same from
+any thread.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import signal
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any
 
-from vlreason.rewards import power_guard
+from vlreason.rewards import math_worker
 from vlreason.rewards.format import extract_answer
 
-__all__ = ["MAX_MATH_CHARS", "accuracy_reward", "answers_match", "call_with_timeout", "math_equal"]
+__all__ = ["MAX_MATH_CHARS", "accuracy_reward", "answers_match", "math_equal"]
 
 MAX_MATH_CHARS = 1000
 """Longest answer (either side, in characters) that is handed to math-verify; longer ones
 score 0 unless an earlier rule (choice, text, number) matched. In lenient mode the free
 text searched for an answer is cut to its last ``MAX_LENIENT_CHARS`` characters."""
 MAX_LENIENT_CHARS = 8000
-
-T = TypeVar("T")
 
 # No two whitespace runs are adjacent in these patterns (``\s*\)?\s*`` backtracks
 # quadratically on a letter followed by a long run of spaces); they match in linear time.
@@ -172,146 +164,12 @@ def _as_latex(text: str) -> str:
     return f"${' '.join(t.split())}$"
 
 
-# --------------------------------------------------------------------------- time limit
-
-
-class _Timeout(BaseException):
-    """Raised from the SIGALRM handler; a BaseException so that math-verify's and sympy's
-    ``except Exception`` blocks cannot swallow it."""
-
-
-def _call_with_alarm(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
-    fired = False
-
-    def handler(signum: int, frame: Any) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise _Timeout
-
-    start = time.monotonic()
-    previous_handler = signal.signal(signal.SIGALRM, handler)
-    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        try:
-            return True, fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return False, None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        if previous_delay > 0:  # someone else's timer was running: re-arm what is left
-            remaining = max(previous_delay - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
-
-
-def _call_in_thread(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
-    box: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            box.append(fn())
-        except Exception as e:  # reported to the caller below
-            errors.append(e)
-
-    worker = threading.Thread(target=run, name="vlreason-math-verify", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        return False, None
-    if errors:
-        raise errors[0]
-    return True, box[0]
-
-
-def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> tuple[bool, T | None]:
-    """Run ``fn()`` with a wall-clock limit; returns ``(finished, result)``.
-
-    Main thread (POSIX): a SIGALRM interval timer interrupts ``fn``. Other threads (or no
-    ``setitimer``): ``fn`` runs in a daemon thread and is abandoned after ``timeout_s``.
-    ``timeout_s <= 0`` or ``None``-like (``math.inf``) runs without a limit.
-    """
-    if not timeout_s or timeout_s <= 0 or math.isinf(timeout_s):
-        return True, fn()
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        return _call_with_alarm(fn, timeout_s)
-    return _call_in_thread(fn, timeout_s)
-
-
-# --------------------------------------------------------------------------- math-verify
-
-
-def _mv_equal(pred_latex: str, gt_latex: str, free_text: bool = False) -> bool:
-    """math_verify parse + verify with its own (signal-based) timeouts disabled, and
-    huge exact powers refused (:mod:`vlreason.rewards.power_guard`: no timer can stop
-    sympy computing ``10 ** 10**10``)."""
-    try:
-        with power_guard.guarded():
-            return _mv_equal_unguarded(pred_latex, gt_latex, free_text)
-    except power_guard.TooLarge:
-        return False
-    except Exception:  # a checker error is a non-match, never a crashed training step
-        return False
-
-
-def _mv_equal_unguarded(pred_latex: str, gt_latex: str, free_text: bool) -> bool:
-    import math_verify
-    import math_verify.grader
-    import math_verify.parser
-
-    # We provide the time limit ourselves; silence the one-time "timeout disabled" warning.
-    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
-    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
-    latex_only = [math_verify.LatexExtractionConfig()]
-    gold = math_verify.parse(gt_latex, extraction_config=latex_only, parsing_timeout=None)
-    if free_text:  # lenient: find the answer anywhere in the text (math-verify defaults)
-        target = math_verify.parse(pred_latex, parsing_timeout=None)
-    else:
-        target = math_verify.parse(pred_latex, extraction_config=latex_only, parsing_timeout=None)
-    if not gold or not target:
-        return False
-    return bool(math_verify.verify(gold, target, timeout_seconds=None))
-
-
-_warm = False
-_warm_lock = threading.Lock()
-
-
-def _warm_up() -> None:
-    """Import math-verify and sympy and run two small checks once, outside any time limit.
-
-    The first check otherwise imports them under the limit: a SIGALRM that lands inside an
-    import leaves half-initialised modules behind, and every later check then fails, so
-    every later math answer silently scored 0 (seen with a 0.3 s limit on a loaded machine).
-    """
-    global _warm
-    if _warm:
-        return
-    with _warm_lock:
-        if _warm:
-            return
-        for pred, gt in (("$3$", "$3.0$"), ("$\\frac{1}{2} + x^2$", "$x^{2} + 0.5$")):
-            try:
-                with power_guard.guarded():
-                    _mv_equal_unguarded(pred, gt, False)
-            except Exception:  # a broken checker shows up in the real calls
-                pass
-        _warm = True
-
-
 def math_equal(pred: str, ground_truth: str, *, timeout_s: float = 5.0) -> bool:
     """math-verify equivalence of two answers read as LaTeX, within ``timeout_s`` (else
     False); False without calling math-verify when a side exceeds :data:`MAX_MATH_CHARS`."""
     if len(pred) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
         return False
-    _warm_up()
-    finished, result = call_with_timeout(
-        lambda: _mv_equal(_as_latex(pred), _as_latex(ground_truth)), timeout_s
-    )
-    return bool(finished and result)
+    return bool(math_worker.verify(_as_latex(pred), _as_latex(ground_truth), timeout_s=timeout_s))
 
 
 # --------------------------------------------------------------------------- reward
@@ -393,9 +251,6 @@ def accuracy_reward(
     gt = str(ground_truth).strip()
     if gt and _MATHY.search(gt) and _choice_letter(gt, _as_choices(choices)) is None:
         text = _ANY_TAG.sub(" ", completion[-MAX_LENIENT_CHARS:])
-        _warm_up()
-        finished, result = call_with_timeout(
-            lambda: _mv_equal(text, _as_latex(gt), free_text=True), timeout_s
-        )
-        return 1.0 if finished and result else 0.0
+        found = math_worker.verify(text, _as_latex(gt), free_text=True, timeout_s=timeout_s)
+        return 1.0 if found else 0.0
     return 0.0

@@ -2,9 +2,10 @@
 
 sympy evaluates ``Integer ** Integer`` exactly: ``10^{10^{10}}`` makes it compute
 ``10 ** 10_000_000_000`` (a 4 GB integer) in a single C call that holds the GIL, so
-neither the SIGALRM timer nor an abandoned worker thread can stop it (seen: a reward
-call that never returned). Inside :func:`guarded` -- and only in the thread that entered
-it -- sympy's ``Integer._eval_power`` and ``Rational._eval_power`` raise :class:`TooLarge`
+no in-process timer can stop it (seen: a reward call that never returned); the
+math-verify worker process (:mod:`vlreason.rewards.math_worker`) would be killed at its
+limit, and this guard lets it answer at once instead. Inside :func:`guarded` -- and only
+in the thread that entered it -- sympy's ``Integer._eval_power`` and ``Rational._eval_power`` raise :class:`TooLarge`
 when the exact result would exceed :data:`MAX_POWER_BITS` bits; math-verify cannot
 swallow it (it is a ``BaseException``) and the caller scores the comparison as no match.
 The same holds for factorial-like functions (``factorial``, ``factorial2``,
