@@ -18,8 +18,14 @@ Everything is written into ``step-N.tmp-<id>/`` first (one name shared by every
 process) and renamed into place with ``os.replace`` by process 0 after every process
 has finished its shard, so a directory named ``step-N`` is always complete; a crash
 (or kill -9) leaves at most a ``*.tmp-*`` directory, which resume ignores (and which
-is safe to delete). ``checkpoints/latest`` is a one-line text file naming the newest
-checkpoint, itself replaced atomically.
+is safe to delete; the next successful save deletes it). ``checkpoints/latest`` is a
+one-line text file naming the newest checkpoint, itself replaced atomically. Pruning
+(``keep_last``) runs only after the new checkpoint is published and the pointer names it,
+and renames each old checkpoint away before deleting its files.
+
+A save that fails for lack of space (``ENOSPC``, a quota, a read-only file system)
+raises :class:`vlreason.train.disk.CheckpointWriteError` naming the folder and the newest
+complete checkpoint, which the failed save never touched.
 
 With ``model=`` (the loop's path) every process calls :func:`save_checkpoint` and
 :func:`load_checkpoint`; DCP reshards on load, so a checkpoint written by N processes
@@ -46,6 +52,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
+from vlreason.train.disk import CheckpointWriteError, disk_error
 from vlreason.train.distributed import world
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -121,16 +128,37 @@ def save_checkpoint(
         if is_main:
             _fsync_dir(tmp)
             _publish(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_error(exc, run_dir, final)
         raise
     if is_main:
-        _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+        try:
+            _write_text_atomic(ckpt_root / LATEST_FILE, final.name + "\n")
+        except OSError as exc:  # `latest` still names the previous checkpoint, which is complete
+            _raise_if_disk_error(exc, run_dir, final)
+            raise
+        _remove_leftovers(ckpt_root)
         if keep_last is not None:
             _prune(ckpt_root, keep_last, keep=final)
     _barrier(size)
     return final
+
+
+def _raise_if_disk_error(exc: BaseException, run_dir: str | Path, final: Path) -> None:
+    """A disk-full / quota / read-only failure becomes a :class:`CheckpointWriteError`
+    naming the folder and the checkpoint resume would now pick (which is complete)."""
+    cause = disk_error(exc)
+    if cause is None:
+        return
+    newest = latest_checkpoint(run_dir)
+    where = f"; the newest complete checkpoint, {newest}, is intact (resume=auto continues from it)" \
+        if newest is not None else "; there is no complete checkpoint yet"
+    raise CheckpointWriteError(
+        f"cannot write checkpoint {final.name} in {final.parent}: {cause.strerror or cause}{where}; "
+        f"free space there, then resume"
+    ) from exc
 
 
 def _write_main_files(tmp: Path, step: int, state: dict[str, Any], model_state, optimizer, scheduler,
@@ -284,10 +312,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _prune(ckpt_root: Path, keep_last: int, keep: Path) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints, never ``keep``."""
+    """Delete all but the ``keep_last`` newest complete checkpoints, never ``keep`` (the
+    one just published; nothing is deleted unless it is complete). Each is renamed to
+    ``step-N.deleting-<pid>`` before its files go, so a kill in the middle of a deletion
+    never leaves a half-deleted directory named ``step-N``."""
+    if not is_complete(keep):
+        return
     ckpts = list_checkpoints(ckpt_root.parent)
     for path in ckpts[: max(0, len(ckpts) - keep_last)]:
         if path != keep:
+            doomed = path.with_name(f"{path.name}.deleting-{os.getpid()}")
+            try:
+                os.replace(path, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"^step-\d+\.(tmp|old|deleting)-")
+
+
+def _remove_leftovers(ckpt_root: Path) -> None:
+    """Delete what killed saves and prunes left (``step-N.tmp-*``, ``.old-*``,
+    ``.deleting-*``): never complete checkpoints, and a run directory has one writer."""
+    for path in ckpt_root.iterdir():
+        if _LEFTOVER.match(path.name) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 

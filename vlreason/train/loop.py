@@ -38,7 +38,9 @@ from typing import Any, Protocol
 import torch
 
 from vlreason.config import doc, to_dict
+from vlreason.outputs import OutputPathError
 from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vlreason.train.disk import CheckpointWriteError, check_run_dir
 from vlreason.train.distributed import all_agree, reduce_metrics, world
 from vlreason.train.memory import format_plan, log_memory_plan
 from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
@@ -216,7 +218,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.check_disk()  # creates run_dir; a one-line error when it cannot hold a checkpoint
         self.maybe_resume()
         metrics_log = MetricsLogger(
             self.run_dir, trackers=self.cfg.trackers, is_main_process=self.is_main,
@@ -272,6 +274,18 @@ class Trainer:
         barrier()
         return final
 
+    def check_disk(self) -> None:
+        """Before the first step: the run directory and its checkpoints/ folder are
+        writable and have room for one checkpoint (train/disk.py). Every process checks
+        (each may write to a disk of its own) and all stop together."""
+        error = None
+        try:
+            check_run_dir(self.run_dir, self.recipe.model, self.optimizer)
+        except OutputPathError as err:
+            error = err
+        if not all_agree(error is None):
+            raise error or OutputPathError(f"another process cannot write a checkpoint into {self.run_dir}")
+
     @contextlib.contextmanager
     def checkpoint_on_error(self):
         """An unexpected error mid-run still leaves a checkpoint of the last finished step.
@@ -280,7 +294,7 @@ class Trainer:
         barrier, so there the periodic and signal checkpoints are what remains."""
         try:
             yield
-        except TrainingStopped:
+        except (TrainingStopped, CheckpointWriteError):  # a disk-full save is not retried
             raise
         except Exception:
             if self.step > 0 and self.world_size == 1:
