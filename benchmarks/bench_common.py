@@ -308,26 +308,32 @@ def color_rows(settings: Settings):
 # ---------------------------------------------------------------------------- the loop
 
 
-class PhasesRecipe:
-    """The loop's recipe interface over ``GRPOPhases``, as recipes/grpo.py wires it, minus the
-    data position (nothing is checkpointed) and minus ``policy`` (the loop then plans for
-    float32 compute, as the benchmarks always have)."""
+def __getattr__(name: str):
+    """``PhasesRecipe`` is defined on first use (``from bench_common import PhasesRecipe``):
+    it subclasses vlreason's ``Recipe``, which imports torch, and everything else here stays
+    standard-library only at import time (``vs_trl.py``'s parent process never needs it)."""
+    if name == "PhasesRecipe":
+        globals()[name] = cls = _phases_recipe_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, phases, model):
-        self.phases = phases
-        self.model = model
 
-    def prepare(self, step, timer):
-        return self.phases.prepare(step, timer)
+def _phases_recipe_class() -> type:
+    from vlreason.recipe_base import Recipe
 
-    def step(self, micro_batch):
-        return self.phases.loss(micro_batch)
+    class PhasesRecipe(Recipe):
+        """The loop's recipe interface over ``GRPOPhases``, as recipes/grpo.py wires it, minus
+        the data position (nothing is checkpointed: ``Recipe``'s defaults) and minus
+        ``policy`` (the loop then plans for float32 compute, as the benchmarks always have)."""
 
-    def after_update(self, step):
-        return None
+        def __init__(self, phases, model):
+            self.phases = phases
+            self.model = model
 
-    def state_dict(self):
-        return {}
+        def prepare(self, step, timer):
+            return self.phases.prepare(step, timer)
 
-    def load_state_dict(self, state):
-        pass
+        def step(self, micro_batch):
+            return self.phases.loss(micro_batch)
+
+    return PhasesRecipe

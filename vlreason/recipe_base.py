@@ -10,6 +10,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,15 @@ class SetupError(RuntimeError):
 
 
 class Recipe:
-    """What every recipe shares; a recipe adds ``config_class``, ``default_model()``,
-    ``setup()`` (which sets ``policy``, ``model`` and ``trainer``) and the loop interface
-    (``prepare``, ``step``, ``state_dict``, ``load_state_dict``)."""
+    """The base of every recipe: the loop's recipe interface (``vlreason.train.loop``) with
+    defaults, plus ``train`` and ``cleanup``.
+
+    A recipe adds ``config_class``, ``default_model()``, ``setup()`` (which sets ``policy``,
+    ``model`` and ``trainer``), ``prepare`` and ``step``. It overrides ``state_dict`` /
+    ``load_state_dict`` when it has state to checkpoint (a data position, counters) and
+    ``after_update`` when something runs after the optimizer step; the defaults here
+    checkpoint nothing and do nothing, so a recipe (or a test double of one) without such
+    state leaves them out."""
 
     config_class: type
 
@@ -50,8 +57,16 @@ class Recipe:
     def cleanup(self) -> None:
         self.policy = self.model = self.trainer = None
 
-    def after_update(self, step: int) -> dict | None:
+    def after_update(self, step: int) -> dict[str, Any] | None:
+        """After each optimizer step; metrics it returns join the step's line. Default: nothing."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recipe's state stored in every checkpoint. Default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned. Default: nothing to restore."""
 
 
 def seed_everything(seed: int) -> None:

@@ -2,6 +2,7 @@
 
 A recipe registers itself where it is defined::
 
+    from vlreason.recipe_base import Recipe
     from vlreason.registry import register_recipe
 
     @register_recipe("grpo")
@@ -19,6 +20,12 @@ A recipe registers itself where it is defined::
 In a file or module without ``:Class``, the recipe is the one class registered there with
 ``@register_recipe``, else the one class defined there that looks like a recipe (it has
 ``config_class``, ``default_model``, ``setup``, ``train`` and ``cleanup``).
+
+There is one recipe interface: ``vlreason.recipe_base.Recipe``, whose subclasses inherit
+``train``, ``cleanup`` and the loop's hooks with their defaults (``after_update`` does
+nothing, ``state_dict`` is ``{}``, ``load_state_dict`` restores nothing); the loop's part
+of it is described in ``vlreason.train.loop``. A class that does not subclass it must
+define all of them itself.
 
 The built-in names are found by reading the decorator lines of the ``recipes`` package's
 modules, without importing any of them: ``vlreason --help`` lists them and stays fast

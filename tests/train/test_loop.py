@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
+from vlreason.recipe_base import Recipe
 from vlreason.train.checkpoint import latest_checkpoint
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer, TrainingStopped
 
 
-class ToyRecipe:
+class ToyRecipe(Recipe):
     """Fits y = 2x with one weight; ``nan_steps`` return a NaN loss, ``fail_at`` raises."""
 
     def __init__(self, nan_steps=(), fail_at=None):
@@ -36,9 +37,6 @@ class ToyRecipe:
         if self.current in self.nan_steps:
             loss = loss * float("nan")
         return loss, {}
-
-    def after_update(self, step):
-        pass
 
     def state_dict(self):
         return {"position": self.position}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlreason.recipe_base import Recipe
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 
 STEPS, LR = 20, 1e-5
 
 
-class FixedBatchGRPO:
+class FixedBatchGRPO(Recipe):
     """A loop recipe whose every step is the GRPO loss of the same rollout batch."""
 
     def __init__(self, policy, phases, batch):
@@ -29,15 +30,6 @@ class FixedBatchGRPO:
 
     def step(self, micro):
         return self.phases.loss(micro)
-
-    def after_update(self, step):
-        return None
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 @pytest.fixture(scope="module")
