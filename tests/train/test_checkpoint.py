@@ -228,3 +228,87 @@ def test_trainer_state_json_and_step_mismatch(tmp_path: Path):
         load_checkpoint(path, optimizer=_setup()[1], restore_rng=False)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_keep_last_deletes_only_after_the_new_checkpoint_is_published(tmp_path: Path, monkeypatch):
+    """Every deletion of an old checkpoint happens after the new one is complete under its
+    final name and ``latest`` names it; each old one is renamed away before its files go."""
+    import shutil
+
+    import vlreason.train.checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    real_rmtree = shutil.rmtree
+    deletions = []
+    current = {}
+
+    def watching_rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if ".deleting-" in path.name:
+            new = root / f"step-{current['step']}"
+            deletions.append((path.name.split(".")[0], ckpt.is_complete(new),
+                              (root / "latest").read_text().strip(), ckpt.is_complete(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", watching_rmtree)
+    for step in range(1, 6):
+        current["step"] = step
+        _save(tmp_path, step, keep_last=2)
+    assert [name for name, *_ in deletions] == ["step-1", "step-2", "step-3"]
+    for name, new_complete, latest, old_complete in deletions:
+        assert new_complete and old_complete is False, name
+        assert latest == f"step-{int(name.split('-')[1]) + 2}"  # the checkpoint just published
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-4", "step-5"]
+
+
+def test_keep_last_never_deletes_the_only_complete_checkpoint(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    _save(tmp_path, 1, keep_last=1)
+
+    def crash(tmp_dir: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    # a failed save prunes nothing
+    with pytest.raises(OSError, match="No space left on device"):
+        _save(tmp_path, 2, keep_last=1, extra=crash)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1"]
+    # an incomplete directory with a higher step does not count as a kept checkpoint
+    (root / "step-9").mkdir()
+    (root / "step-9" / "model.safetensors").write_bytes(b"")
+    _save(tmp_path, 2, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2"]
+    assert resolve_resume(tmp_path, "auto") == root / "step-2"
+    # keep_last=1 over many saves always leaves exactly the newest
+    for step in range(3, 7):
+        _save(tmp_path, step, keep_last=1)
+        assert [p.name for p in list_checkpoints(tmp_path)] == [f"step-{step}"]
+        loaded, state = load_checkpoint(root / f"step-{step}", restore_rng=False)
+        assert state["step"] == step and torch.equal(loaded["w"], torch.ones(2) * step)
+
+
+def test_a_kill_in_the_middle_of_pruning_leaves_no_half_deleted_checkpoint(tmp_path: Path, monkeypatch):
+    """The process dies after deleting some files of an old checkpoint: no directory named
+    step-N is missing files, resume picks the new one, and the next save clears the rest."""
+    import shutil
+
+    import vlreason.train.checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    _save(tmp_path, 1)
+    real_rmtree = shutil.rmtree
+
+    def dies_half_way(path, *args, **kwargs):
+        path = Path(path)
+        (path / "model.safetensors").unlink()  # one file gone, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in root.iterdir())
+    assert "step-1" not in names and any(n.startswith("step-1.deleting-") for n in names), names
+    assert resolve_resume(tmp_path, "auto") == root / "step-2"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2"]
+    _save(tmp_path, 3, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-3"]
