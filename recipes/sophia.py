@@ -74,6 +74,7 @@ from vlreason.data.schema import IMAGE_PLACEHOLDER
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
 from vlreason.paths import warm_model
+from vlreason.reasoner_cache import with_cache
 from vlreason.reasoners import (
     Reasoner,
     ReasonerConfig,
@@ -224,7 +225,8 @@ class SophiaRecipe(Recipe):
         cfg = self.cfg
         self.policy = load_policy(cfg)
         self.model = self.policy.model
-        self.reasoner: Reasoner = build_reasoner(cfg.reasoner)
+        self.reasoner: Reasoner = with_cache(build_reasoner(cfg.reasoner), cfg.reasoner, cfg.output_dir,
+                                             rank=world()[0])
         if cfg.sophia.max_target_tokens <= cfg.sophia.solution_max_new_tokens:
             log.warning("sophia.max_target_tokens=%d <= sophia.solution_max_new_tokens=%d: kept solutions "
                         "longer than %d VLM tokens are rejected (sophia/kept_too_long), not trained on; "
@@ -235,6 +237,7 @@ class SophiaRecipe(Recipe):
         self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
         self.skipped_rows = 0
         self.kept_rows_total = 0
+        self.reasoner_failed_total = 0
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def cleanup(self) -> None:
@@ -282,6 +285,18 @@ class SophiaRecipe(Recipe):
         K = s.num_captions
         return [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
 
+    def reasoner_counts(self) -> dict[str, int]:
+        """The reasoner's running counts: cache hits / misses and calls (the cache), HTTP
+        requests, retries and reported tokens (an OpenAI-compatible server)."""
+        counts: dict[str, int] = {}
+        for source in (self.reasoner, getattr(self.reasoner, "inner", None)):
+            for name in ("cache_stats", "stats"):
+                fn = getattr(type(source), name, None) if source is not None else None
+                if callable(fn):
+                    counts.update({k if k.startswith("reasoner/") else f"reasoner/{k}": int(v)
+                                   for k, v in fn(source).items() if k != "failed_prompts"})
+        return counts
+
     def solution_prompt(self, row: dict[str, Any], caption: str) -> str:
         return self.cfg.sophia.solution_template.format(
             caption=caption or "(empty description)", question=reasoner_question(row["question"]),
@@ -297,12 +312,16 @@ class SophiaRecipe(Recipe):
         with timer("captions"):
             captions = self.captions(rows, seed)
         prompts = [self.solution_prompt(row, c) for row, caps in zip(rows, captions) for c in caps]
+        before = self.reasoner_counts()
         with timer("reasoner"):
             flat = self.reasoner.solve(prompts, s.num_solutions, s.solution_max_new_tokens,
                                        s.solution_temperature, seed)
-        if len(flat) != len(prompts) or any(len(x) != s.num_solutions for x in flat):
+        # an empty list: the reasoner failed on that prompt (counted, never filled in)
+        if len(flat) != len(prompts) or any(len(x) not in (0, s.num_solutions) for x in flat):
             raise RuntimeError(f"the reasoner returned {[len(x) for x in flat]} solutions for {len(prompts)} "
-                               f"prompts; expected {s.num_solutions} each")
+                               f"prompts; expected {s.num_solutions} each (or none for a failed prompt)")
+        failed = [len(x) == 0 for x in flat]
+        after = self.reasoner_counts()
         # the built-in reasoners already normalise (idempotent); kind=python ones may not
         flat = [[normalise_solution(y, prompt_opened_think=think_left_open(y)) for y in ys] for ys in flat]
         tok = self.policy.processor.tokenizer
@@ -317,10 +336,16 @@ class SophiaRecipe(Recipe):
                 selections.append(select_solutions(rewards, sols, threshold=s.threshold, length=length,
                                                    well_formed=is_strict_format,
                                                    max_length=s.max_target_tokens - 1))  # + end of turn
+        # captions the reasoner failed on have no reward: they are counted, not averaged in
         all_r = [r for sel in selections for r in sel.caption_rewards]
+        all_r = [r for r, f in zip(all_r, failed) if not f] or [0.0]
+        answered = max(len(flat) - sum(failed), 1)
         metrics = {
+            "sophia/reasoner_failed": sum(failed),
+            "sophia/reasoner_failed_total": self.reasoner_failed_total + sum(failed),
+            **{k: after[k] - before.get(k, 0) for k in after},
             # solutions (after normalisation) in the strict <think></think><answer></answer> format
-            "sophia/solution_format": sum(is_strict_format(y) for ys in flat for y in ys) / (len(flat) * s.num_solutions),
+            "sophia/solution_format": sum(is_strict_format(y) for ys in flat for y in ys) / (answered * s.num_solutions),
             "sophia/kept_malformed": sum(sel.rejected == "malformed" for sel in selections),
             "sophia/kept_too_long": sum(sel.rejected == "too_long" for sel in selections),
             "sophia/caption_reward": sum(all_r) / len(all_r),
@@ -330,6 +355,7 @@ class SophiaRecipe(Recipe):
             "caption_len": sum(len(tok(c, add_special_tokens=False)["input_ids"])
                                for caps in captions for c in caps) / (len(rows) * K),
         }
+        self.reasoner_failed_total += sum(failed)
         return rows, selections, metrics
 
     # ---- the loop's recipe interface -----------------------------------------------------
@@ -376,13 +402,14 @@ class SophiaRecipe(Recipe):
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict(), "skipped_rows": self.skipped_rows,
-                "kept_rows_total": self.kept_rows_total}
+                "kept_rows_total": self.kept_rows_total, "reasoner_failed_total": self.reasoner_failed_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "data" in state:
             self.stream.load_state_dict(state["data"])
         self.skipped_rows = state.get("skipped_rows", 0)
         self.kept_rows_total = state.get("kept_rows_total", 0)
+        self.reasoner_failed_total = state.get("reasoner_failed_total", 0)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A reasoner turns text prompts into sampled solutions:
 
     solve(prompts, n, max_new_tokens, temperature, seed) -> list[list[str]]
 
-(``n`` solutions per prompt, in prompt order). Implementations:
+(``n`` solutions per prompt, in prompt order; an EMPTY list for a prompt the reasoner
+failed on, e.g. a server that kept failing after its retries: callers count it as failed
+and never fill it in). Implementations:
 
 * :class:`TransformersReasoner`: a local causal LM (``AutoModelForCausalLM`` +
   ``AutoTokenizer``), chat template when the tokenizer has one, seeded batched sampling;
@@ -23,21 +25,31 @@ models whose chat template opens ``<think>`` in the generation prompt (QwQ-32B, 
 DeepSeek-R1 distills) write only ``...</think>...``, and so does a server without a
 reasoning parser; the missing opening tag is put back, so a solution reaches the
 rewards in the project's ``<think>...</think><answer>...</answer>`` format.
+
+``vlreason.reasoner_cache`` stores answered prompts on disk (``reasoner.cache``), so a
+resumed or repeated run makes no reasoner call twice.
 """
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import json
+import logging
 import os
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from vlreason.config import doc
+
+log = logging.getLogger(__name__)
 
 REASONER_KINDS = ("transformers", "openai", "python")
 
@@ -62,7 +74,17 @@ class ReasonerConfig:
     api_key_env: str = doc("openai: environment variable holding the API key (sent as a Bearer token "
                            "when set; local servers usually need none).", "OPENAI_API_KEY")
     timeout_s: float = doc("openai: seconds per HTTP request before it fails.", 300.0)
-    max_retries: int = doc("openai: retries of a request that failed to connect or timed out.", 2)
+    max_retries: int = doc("openai: retries of a request that timed out, lost its connection, got HTTP "
+                           "408/409/425/429/5xx or an unusable body; then the prompt fails (counted, no "
+                           "solutions).", 3)
+    retry_backoff_s: float = doc("openai: wait before retry k is retry_backoff_s * 2**k seconds (or the "
+                                 "server's Retry-After; at most 60).", 1.0)
+    concurrency: int = doc("openai: prompts in flight at once.", 8)
+    cache: bool = doc("Cache answered prompts on disk by (model, prompt, sampling settings, seed): a resumed "
+                      "or repeated run asks the reasoner nothing it already answered.", True)
+    cache_dir: str = doc("Where the cache lives; empty: <output_dir>/reasoner_cache.", "")
+    cache_chunk_prompts: int = doc("Prompts sent to the reasoner per stored chunk (0: a step's uncached "
+                                   "prompts at once); smaller loses less to a kill, costs batching.", 0)
     system_prompt: str = doc("System message sent before each prompt; empty for none.", "")
     batch_size: int = doc("transformers: prompts per generate call (each with n samples).", 8)
 
@@ -75,6 +97,8 @@ class ReasonerConfig:
             raise ValueError("reasoner.kind=python needs reasoner.path='package.module:factory'")
         if self.batch_size < 1 or self.timeout_s <= 0 or self.max_retries < 0:
             raise ValueError("reasoner.batch_size must be >= 1, timeout_s > 0, max_retries >= 0")
+        if self.retry_backoff_s < 0 or self.concurrency < 1 or self.cache_chunk_prompts < 0:
+            raise ValueError("reasoner.retry_backoff_s must be >= 0, concurrency >= 1, cache_chunk_prompts >= 0")
 
 
 def build_reasoner(cfg: ReasonerConfig) -> Reasoner:
@@ -84,7 +108,8 @@ def build_reasoner(cfg: ReasonerConfig) -> Reasoner:
                                     system_prompt=cfg.system_prompt)
     if cfg.kind == "openai":
         return OpenAIReasoner(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                              max_retries=cfg.max_retries, system_prompt=cfg.system_prompt)
+                              max_retries=cfg.max_retries, system_prompt=cfg.system_prompt,
+                              retry_backoff_s=cfg.retry_backoff_s, concurrency=cfg.concurrency)
     module, _, name = cfg.path.partition(":")
     try:
         factory = getattr(importlib.import_module(module), name)
@@ -210,17 +235,48 @@ class ReasonerError(RuntimeError):
     """The reasoner server failed or answered something unusable."""
 
 
+class _Retryable(Exception):
+    """One failed try that may succeed when repeated (``wait``: the server's Retry-After)."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
+
+
+# the server answered, but another try may work: timeout, conflict, rate limit, server errors
+RETRY_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
 class OpenAIReasoner:
     """Any OpenAI-compatible chat-completions server: one ``POST {base_url}/chat/completions``
-    per prompt with ``n``, ``max_tokens``, ``temperature`` and ``seed``. Servers that return
-    fewer than ``n`` choices (some ignore ``n``) are asked again for the rest (seed + 1, ...).
-    A separate ``reasoning_content`` (vLLM / SGLang reasoning parsers, DeepSeek) is put back
-    in front of the answer as ``<think>...</think>``; without a parser, a reply that closes
+    per prompt with ``n``, ``max_tokens``, ``temperature`` and ``seed`` (prompt i of a call:
+    ``seed + 1000 i``), ``concurrency`` prompts in flight at once (threads; the order of
+    the answers does not depend on it). Servers that return fewer than ``n`` choices (some
+    ignore ``n``) are asked again for the rest (seed + 1, ...). A separate
+    ``reasoning_content`` (vLLM / SGLang reasoning parsers, DeepSeek) is put back in front
+    of the answer as ``<think>...</think>``; without a parser, a reply that closes
     ``</think>`` without opening it (the template opened it) gets ``<think>`` back in front
-    (:func:`normalise_solution`)."""
+    (:func:`normalise_solution`).
+
+    Faults: a try that times out, cannot connect, loses its connection, gets HTTP 408 /
+    409 / 425 / 429 / 5xx, or a body that is not JSON or has no choices is retried up to
+    ``max_retries`` times, waiting ``retry_backoff_s * 2**attempt`` seconds (or the
+    server's ``Retry-After``, at most 60 s) in between; other HTTP errors (400, 401, 404,
+    ...) are not retried. A prompt still failing then is a FAILED prompt: it comes back as
+    an empty list (never a partial or invented solution), its error is in
+    ``last_failures`` (``(index, message)``) and logged, and ``stats()`` counts it. A call
+    in which every prompt failed raises :class:`ReasonerError` with the first error (the
+    server is down or refuses everything). ``stats()``: requests, retries, failed prompts,
+    and the tokens the server reported in ``usage``.
+
+    The standard library's ``urllib`` rather than the ``openai`` package: no extra
+    dependency for the core install, and every try, retry and failure is ours to count and
+    report per prompt (the ``openai`` client retries inside itself and raises per call)."""
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: float = 300.0, max_retries: int = 2, system_prompt: str = ""):
+                 timeout_s: float = 300.0, max_retries: int = 2, system_prompt: str = "",
+                 retry_backoff_s: float = 1.0, concurrency: int = 1):
         if not base_url or not model:
             raise ValueError("OpenAIReasoner needs base_url and model")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -229,31 +285,80 @@ class OpenAIReasoner:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.system_prompt = system_prompt
+        self.retry_backoff_s = retry_backoff_s
+        self.concurrency = max(1, concurrency)
+        self.last_failures: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self._stats = {"requests": 0, "retries": 0, "failed_prompts": 0, "prompt_tokens": 0,
+                       "completion_tokens": 0}
+
+    def _count(self, **inc: int) -> None:
+        with self._lock:
+            for k, v in inc.items():
+                self._stats[k] += v
+
+    def stats(self) -> dict[str, int]:
+        """Totals since construction: requests (HTTP tries), retries, failed prompts, and the
+        prompt / completion tokens the server reported."""
+        with self._lock:
+            return dict(self._stats)
+
+    def _try(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """One HTTP try: the parsed reply, or _Retryable / ReasonerError."""
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        self._count(requests=1)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:  # the server answered with an error status
+            detail = err.read()[:500].decode(errors="replace")
+            msg = f"HTTP {err.code}: {detail}"
+            if err.code in RETRY_HTTP:
+                after = err.headers.get("Retry-After") if err.headers else None
+                try:
+                    wait = float(after) if after is not None else None
+                except ValueError:
+                    wait = None
+                raise _Retryable(msg, wait) from err
+            raise ReasonerError(msg) from err
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as err:
+            raise _Retryable(f"{type(err).__name__}: {getattr(err, 'reason', err)} "
+                             f"(timeout {self.timeout_s}s)") from err
+        try:
+            reply = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise _Retryable(f"returned non-JSON: {raw[:200]!r}") from err
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise _Retryable(f"returned no choices: {str(reply)[:200]}")
+        usage = reply.get("usage") or {}
+        if isinstance(usage, dict):
+            self._count(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or 0))
+        return reply
 
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request with its retries; ReasonerError after the last try."""
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode()
         for attempt in range(self.max_retries + 1):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                break
-            except urllib.error.HTTPError as err:  # the server answered: no retry
-                detail = err.read()[:500].decode(errors="replace")
-                raise ReasonerError(f"reasoner server {self.url} answered HTTP {err.code}: {detail}") from err
-            except (urllib.error.URLError, TimeoutError, OSError) as err:
+                return self._try(data, headers)
+            except ReasonerError as err:
+                raise ReasonerError(f"reasoner server {self.url} answered {err} (not retried)") from err
+            except _Retryable as err:
                 if attempt == self.max_retries:
-                    raise ReasonerError(
-                        f"reasoner server {self.url} failed after {attempt + 1} tries "
-                        f"(timeout {self.timeout_s}s): {getattr(err, 'reason', err)}") from err
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ReasonerError(f"reasoner server {self.url} returned non-JSON: {raw[:200]!r}") from err
+                    raise ReasonerError(f"reasoner server {self.url} failed after {attempt + 1} tries: "
+                                        f"{err}") from err
+                wait = err.wait if err.wait is not None else self.retry_backoff_s * 2**attempt
+                self._count(retries=1)
+                log.info("reasoner server %s: %s; retry %d/%d in %.2fs", self.url, err, attempt + 1,
+                         self.max_retries, wait)
+                time.sleep(min(max(wait, 0.0), MAX_BACKOFF_S))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def choice_text(choice: dict[str, Any]) -> str:
@@ -264,25 +369,42 @@ class OpenAIReasoner:
             content = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{content}"
         return normalise_solution(content, prompt_opened_think=think_left_open(content))
 
+    def solve_one(self, prompt: str, n: int, max_new_tokens: int, temperature: float,
+                  seed: int) -> list[str]:
+        """``n`` solutions of one prompt (seeds seed, seed + 1, ... for the follow-up
+        requests of a server that ignores n); ReasonerError when a request fails."""
+        texts: list[str] = []
+        request = 0
+        while len(texts) < n:
+            body = {"model": self.model, "messages": _messages(self.system_prompt, prompt),
+                    "n": n - len(texts), "max_tokens": max_new_tokens, "temperature": temperature,
+                    "seed": seed + request}
+            choices = sorted(self.post(body)["choices"], key=lambda c: c.get("index", 0))
+            texts += [self.choice_text(c) for c in choices][: n - len(texts)]
+            request += 1
+        return texts
+
     def solve(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
               seed: int) -> list[list[str]]:
-        out = []
-        for i, prompt in enumerate(prompts):
-            texts: list[str] = []
-            request = 0
-            while len(texts) < n:
-                body = {"model": self.model, "messages": _messages(self.system_prompt, prompt),
-                        "n": n - len(texts), "max_tokens": max_new_tokens, "temperature": temperature,
-                        "seed": seed + i * 1_000 + request}
-                reply = self.post(body)
-                choices = reply.get("choices")
-                if not isinstance(choices, list) or not choices:
-                    raise ReasonerError(f"reasoner server {self.url} returned no choices: {str(reply)[:200]}")
-                choices = sorted(choices, key=lambda c: c.get("index", 0))
-                texts += [self.choice_text(c) for c in choices][: n - len(texts)]
-                request += 1
-            out.append(texts)
-        return out
+        def one(i: int) -> list[str] | str:
+            try:
+                return self.solve_one(prompts[i], n, max_new_tokens, temperature, seed + i * 1_000)
+            except ReasonerError as err:
+                return str(err)
+
+        if self.concurrency > 1 and len(prompts) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+                results = list(pool.map(one, range(len(prompts))))
+        else:
+            results = [one(i) for i in range(len(prompts))]
+        self.last_failures = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
+        self._count(failed_prompts=len(self.last_failures))
+        for i, msg in self.last_failures:
+            log.warning("reasoner: prompt %d of %d failed, no solutions: %s", i, len(prompts), msg)
+        if prompts and len(self.last_failures) == len(prompts):
+            raise ReasonerError(f"every prompt of the call failed ({len(prompts)}); first: "
+                                f"{self.last_failures[0][1]}")
+        return [[] if isinstance(r, str) else r for r in results]
 
 
 # ---- the tiny offline text reasoner (smoke tests, the embedded default) --------------------
