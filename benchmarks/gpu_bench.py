@@ -21,11 +21,14 @@ completion is exactly ``--max-new-tokens`` long.
 
 Printed (and written as JSON): step time and its split (rollout / reward / reference /
 update), rollout tokens/s (generated tokens / rollout time), update tokens/s (prompt +
-completion tokens / update time), the update's model FLOP utilisation
-``6 * params * tokens / update time / peak`` (params: every parameter, vision included,
-tied embedding once; no attention FLOPs, no recompute; peak: ``--peak-tflops``, by
-default 989 TFLOP/s, H100 SXM bf16 dense), peak GPU memory (allocated / reserved, per
-phase), and the images the vision tower encoded per pass.
+completion tokens / update time), the update's model FLOP utilisation: the FLOPs the
+update pass computes (``flops.py``: language-model layers and causal attention per
+text token, the output layer on completion tokens only, the vision tower per patch it
+encoded, attention included, no recompute) / update time / peak (``--peak-tflops``, by
+default 989 TFLOP/s, H100 SXM bf16 dense), by part; beside it the naive
+``6 * params * tokens`` figure (it multiplies the vision parameters by every text token
+and the output layer by prompt tokens: too high), peak GPU memory (allocated /
+reserved, per phase), and the images the vision tower encoded per pass.
 
 This file is the command line and the measuring (setup, timed steps, throughput and MFU,
 summary, table); ``gpu_bench_build.py`` builds the model, processor, rows and hooks;
@@ -54,6 +57,7 @@ if str(HERE) not in sys.path:  # imported (benchmarks.gpu_bench) rather than run
     sys.path.insert(0, str(HERE))
 
 from bench_common import PhasesRecipe  # noqa: E402
+from flops import TextShape, VisionShape, shapes_from_model, update_flops  # noqa: E402
 from gpu_bench_build import (  # noqa: E402
     NoEnd,
     VisionCounter,
@@ -139,6 +143,8 @@ class Bench:
     phase_peaks: dict[str, dict[str, float]]  # peak memory around rollout and reference calls
     params: int
     vision_params: int
+    text_shape: TextShape
+    vision_shape: VisionShape | None
     peak_tflops: float | None
     peak_note: str
     t_start: float
@@ -162,8 +168,9 @@ def setup(args) -> Bench:
     trainer = build_trainer(args, TokenCountingRecipe(phases, model, tokens, device))
     peak_tflops, peak_note = (args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}") if args.peak_tflops \
         else default_peak_tflops(device)
+    text_shape, vision_shape = shapes_from_model(model)
     return Bench(device=device, dtype=dtype, shape=shape, model=model, trainer=trainer, vision=vision,
-                 tokens=tokens, phase_peaks=phase_peaks,
+                 tokens=tokens, phase_peaks=phase_peaks, text_shape=text_shape, vision_shape=vision_shape,
                  params=sum(p.numel() for p in model.parameters()),  # unique tensors: tied embedding once
                  vision_params=sum(p.numel() for p in model.model.visual.parameters()),
                  peak_tflops=peak_tflops, peak_note=peak_note, t_start=t_start, t_built=t_built)
@@ -250,10 +257,14 @@ class TokenCountingRecipe(PhasesRecipe):
         micro, metrics = self.phases.prepare(step, timer)
         tokens = self.tokens
         tokens.clear()
+        tokens["prompt_lens"], tokens["completion_lens"] = [], []
         for mb in micro:
             group = mb.group_ids_N.to(mb.prompts.attention_mask_PT.device)
-            prompt = int(mb.prompts.attention_mask_PT[group].sum())
-            completion = int(mb.completion_mask_NT.sum())
+            prompt_lens = mb.prompts.attention_mask_PT[group].sum(-1).tolist()
+            completion_lens = mb.completion_mask_NT.sum(-1).tolist()
+            tokens["prompt_lens"] += prompt_lens
+            tokens["completion_lens"] += completion_lens
+            prompt, completion = int(sum(prompt_lens)), int(sum(completion_lens))
             tokens["prompt"] = tokens.get("prompt", 0) + prompt
             tokens["completion"] = tokens.get("completion", 0) + completion
             tokens["sequences"] = tokens.get("sequences", 0) + mb.num_completions
@@ -317,21 +328,20 @@ def step_record(bench: Bench, warmup: bool, seconds: float, metrics: dict[str, A
     tokens = bench.tokens
     times = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time/") and k != "time/step"}
     update_tokens = tokens["prompt"] + tokens["completion"]
-    images, patch_rows = bench.vision.pop()
-    # Finer count: language-model parameters over text tokens, vision tower over the
-    # patch rows it actually encoded in the update pass.
-    split_flops = 6 * ((bench.params - bench.vision_params) * update_tokens
-                       + bench.vision_params * patch_rows.get("update", 0))
+    images, patch_rows, patches_per_image = bench.vision.pop()
+    flops = update_flops(bench.text_shape, bench.vision_shape, tokens["prompt_lens"],
+                         tokens["completion_lens"], patches_per_image.get("update", []))
     return {
         "warmup": warmup,
         "step_s": seconds,
         "phases_s": times,
-        "tokens": dict(tokens),
+        "tokens": {k: v for k, v in tokens.items() if not k.endswith("_lens")},
         "rollout_tokens_per_s": tokens["completion"] / times["rollout"],
         "update_tokens_per_s": update_tokens / times["update"],
         "update_completion_tokens_per_s": tokens["completion"] / times["update"],
-        "update_mfu": mfu(6 * bench.params * update_tokens, times["update"], bench.peak_tflops),
-        "update_mfu_split": mfu(split_flops, times["update"], bench.peak_tflops),
+        "update_flops": flops,
+        "update_mfu": mfu(flops["total"], times["update"], bench.peak_tflops),
+        "update_mfu_naive": mfu(6 * bench.params * update_tokens, times["update"], bench.peak_tflops),
         "memory": {**bench.phase_peaks, "update": update_peak},
         "images_encoded": images,
         "patch_rows_encoded": patch_rows,
@@ -365,7 +375,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "update_tokens_per_s": med(lambda r: r["update_tokens_per_s"]),
         "update_completion_tokens_per_s": med(lambda r: r["update_completion_tokens_per_s"]),
         "update_mfu": med(lambda r: r["update_mfu"]),
-        "update_mfu_split": med(lambda r: r["update_mfu_split"]),
+        "update_mfu_naive": med(lambda r: r["update_mfu_naive"]),
+        "update_flops": {k: med(lambda r, k=k: r["update_flops"][k]) for k in measured[-1]["update_flops"]},
         "memory_peak": {f"{ph}/{k}": max(r["memory"].get(ph, {}).get(k, 0.0) for r in measured) for ph, k in mem_keys},
         "tokens_per_step": measured[-1]["tokens"],
         "images_encoded_per_step": measured[-1]["images_encoded"],
@@ -392,9 +403,11 @@ def report(bench: Bench, args, records: list[dict[str, Any]]) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in bench.trainer.params),
         "peak_tflops": bench.peak_tflops,
         "peak_note": bench.peak_note,
-        "mfu_formula": "6 * params * (prompt + completion tokens of the update) / update time / peak; "
-                       "no attention FLOPs, no gradient-checkpointing recompute. update_mfu_split: "
-                       "6 * (LM params * tokens + vision params * patch rows encoded) instead",
+        "mfu_formula": "update FLOPs as counted by benchmarks/flops.py (3 x forward: LM layers per text "
+                       "token, causal attention, output layer on completion tokens only, vision per "
+                       "encoded patch with attention; no gradient-checkpointing recompute) / update "
+                       "time / peak. update_mfu_naive: 6 * params * (prompt + completion tokens), "
+                       "which overcounts (vision params x text tokens, output layer on prompts)",
         "build_s": bench.t_built - bench.t_start,
         "wall_s": time.perf_counter() - bench.t_start,
         "summary": summarise(records),
@@ -427,9 +440,11 @@ def print_table(result: dict[str, Any]) -> None:
         ("rollout tokens/s (generated)", f(s["rollout_tokens_per_s"], ",.0f")),
         ("update tokens/s (prompt+completion)", f(s["update_tokens_per_s"], ",.0f")),
         ("update tokens/s (completion only)", f(s["update_completion_tokens_per_s"], ",.0f")),
-        ("update MFU (6 * params * tokens)", "-" if s["update_mfu"] is None else f"{100 * s['update_mfu']:.1f} %"),
-        ("  LM params x tokens + vision x patches", "-" if s["update_mfu_split"] is None
-         else f"{100 * s['update_mfu_split']:.1f} %"),
+        ("update MFU (FLOPs computed, flops.py)", "-" if s["update_mfu"] is None
+         else f"{100 * s['update_mfu']:.1f} %"),
+        *((f"  {k.replace('_', ' ')} (GFLOP)", f"{v / 1e9:,.2f}") for k, v in s["update_flops"].items()),
+        ("  naive 6 * params * tokens (too high)", "-" if s["update_mfu_naive"] is None
+         else f"{100 * s['update_mfu_naive']:.1f} %"),
         ("  peak used", result["peak_note"]),
         ("completion length (min)", f"{s['completion_len_min']} (EOS suppressed)"),
         ("tokens / step (prompt, completion)", f"{s['tokens_per_step']['prompt']}, {s['tokens_per_step']['completion']}"),

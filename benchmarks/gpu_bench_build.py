@@ -147,6 +147,7 @@ class VisionCounter:
     def __init__(self, policy_model, reference_model=None):
         self.counts: dict[str, int] = {}
         self.patch_rows: dict[str, int] = {}
+        self.patches_per_image: dict[str, list[int]] = {}
         policy_model.model.visual.register_forward_hook(self.hook("policy"), with_kwargs=True)
         if reference_model is not None:
             reference_model.model.visual.register_forward_hook(self.hook("reference"), with_kwargs=True)
@@ -156,12 +157,14 @@ class VisionCounter:
             grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
             name = "reference" if role == "reference" else ("update" if torch.is_grad_enabled() else "rollout")
             self.counts[name] = self.counts.get(name, 0) + (int(grid.shape[0]) if grid is not None else 0)
-            rows = int(grid.prod(-1).sum()) if grid is not None else 0
-            self.patch_rows[name] = self.patch_rows.get(name, 0) + rows
+            per_image = [int(n) for n in grid.prod(-1)] if grid is not None else []
+            self.patch_rows[name] = self.patch_rows.get(name, 0) + sum(per_image)
+            self.patches_per_image.setdefault(name, []).extend(per_image)
 
         return fn
 
-    def pop(self) -> tuple[dict[str, int], dict[str, int]]:
-        out = (self.counts, self.patch_rows)
-        self.counts, self.patch_rows = {}, {}
+    def pop(self) -> tuple[dict[str, int], dict[str, int], dict[str, list[int]]]:
+        """Images, patch rows and patch rows of each image encoded, by pass; then reset."""
+        out = (self.counts, self.patch_rows, self.patches_per_image)
+        self.counts, self.patch_rows, self.patches_per_image = {}, {}, {}
         return out
