@@ -134,3 +134,28 @@ def test_grpo_with_lora_saves_an_adapter(tmp_path):
     PeftModel.from_pretrained(base, run / "final")
     saved = load_file(str(run / "checkpoints" / "step-2" / "model.safetensors"))
     assert saved and all("lora_" in name for name in saved)  # checkpoints hold only the adapter
+
+
+def test_dapo_options_and_two_updates_per_rollout_through_the_recipe(tmp_path):
+    # what it checks: the algorithm.* DAPO keys reach the GRPO step of the real recipe (tiny
+    # model): dynamic sampling logs its rounds and keeps exactly prompts_per_step informative
+    # groups (or says it fell short), the overlong penalty is in the rewards, and with
+    # updates_per_rollout=2 the second step reuses the rollout with an active ratio.
+    run = tmp_path / "run"
+    args = [a for a in FAST if not a.startswith("max_steps")]
+    assert main(["train", "grpo", f"output_dir={run}", "max_steps=2", "algorithm.dynamic_sampling=true",
+                 "algorithm.dynamic_sampling_max_rounds=3", "algorithm.overlong_cache=16",
+                 "algorithm.updates_per_rollout=2", "optim.lr=3e-3", *args]) == 0
+    first, second = _metrics(run)
+    rounds = first["dapo/rounds"]
+    assert 1 <= rounds <= 3 and first["dapo/sampled_groups"] == 2 * rounds
+    informative = first["dapo/sampled_groups"] - first["dapo/dropped_groups"]
+    assert first["dapo/kept_groups"] == min(2, informative)
+    assert first["dapo/short"] == float(informative < 2)
+    assert -1.0 <= first["reward/overlong"] <= 0.0
+    # update 1 trains at the rollout weights: ratio exactly 1; update 2 reuses the rollout
+    # (nothing sampled: no rollout time) with logp_old from the rollout, so the ratio moved
+    assert first["ratio_mean"] == 1.0 and first["ratio_max"] == 1.0 and first["rollout/reused"] == 0
+    assert second["rollout/reused"] == 1 and "time/rollout" not in second and "dapo/rounds" not in second
+    assert second["reward"] == first["reward"]
+    assert second["ratio_mean"] != 1.0 and second["approx_kl"] > 0
