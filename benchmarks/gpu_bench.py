@@ -154,18 +154,23 @@ class Bench:
 def setup(args) -> Bench:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # vlreason's own precision: fp32 master weights, forward/backward in the compute dtype
+    # (autocast, or FSDP2's mixed-precision policy), a frozen reference in the compute dtype
+    dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.strategy == "fsdp2":
+        init_single_process_group(device)
     shape = Shape(args.num_generations, args.max_new_tokens, args.prompts, args.micro_prompts,
                   args.image_side, args.beta, args.grad_ckpt)
     processor = build_processor(shape.image_side * shape.image_side)
     model, reference = build_models(build_config(processor, args.smoke), shape, device, dtype, args.seed)
     t_built = time.perf_counter()
-    policy = build_policy(args, shape, processor, model, reference)
+    policy = build_policy(args, shape, processor, model, reference, dtype)
     vision = VisionCounter(model, reference)
     phases = build_phases(args, shape, policy)
     phase_peaks = track_phase_peaks(policy, device, shape.beta > 0)
     tokens: dict[str, int] = {}
-    trainer = build_trainer(args, TokenCountingRecipe(phases, model, tokens, device))
+    trainer = build_trainer(args, TokenCountingRecipe(phases, policy, tokens, device))
     peak_tflops, peak_note = (args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}") if args.peak_tflops \
         else default_peak_tflops(device)
     text_shape, vision_shape = shapes_from_model(model)
@@ -176,21 +181,31 @@ def setup(args) -> Bench:
                  peak_tflops=peak_tflops, peak_note=peak_note, t_start=t_start, t_built=t_built)
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A one-process group (in-memory store), so that FSDP2 can run outside torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
 def build_models(config, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int):
-    """The policy model and, when beta > 0, its frozen reference copy."""
-    model = build_model(config, device, dtype, seed)
+    """The policy model (fp32 master weights) and, when beta > 0, its frozen reference copy
+    in the compute dtype ``dtype`` (as ``vlreason.models.loading`` builds them)."""
+    model = build_model(config, device, torch.float32, seed)
     if shape.grad_ckpt:  # as vlreason.models.loading does for model.gradient_checkpointing=true
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     reference = None
     if shape.beta > 0:  # a frozen copy, as Policy.load(with_reference=True) builds without LoRA
-        reference = copy.deepcopy(model)
+        reference = copy.deepcopy(model).to(dtype)
         reference.requires_grad_(False)
         reference.eval()
     return model, reference
 
 
-def build_policy(args, shape: Shape, processor, model, reference):
+def build_policy(args, shape: Shape, processor, model, reference, compute_dtype: torch.dtype):
     """vlreason's ``Policy`` over the built models; end-of-turn suppressed during sampling."""
     from vlreason.models.families import get_family
     from vlreason.rollout.generate import end_token_ids
@@ -206,7 +221,8 @@ def build_policy(args, shape: Shape, processor, model, reference):
         rollout.logprob_chunk_size = args.logprob_chunk_size
     policy = Policy(model=model, family=family, processor=processor,
                     budget=PixelBudget(min_pixels=56 * 56, max_pixels=pixels, factor=family.factor),
-                    rollout=rollout, reference=reference, has_reference=shape.beta > 0)
+                    rollout=rollout, reference=reference, has_reference=shape.beta > 0,
+                    compute_dtype=compute_dtype)
     NoEnd(family.lm_head(model), end_token_ids(processor))
     return policy
 
@@ -246,10 +262,12 @@ def track_phase_peaks(policy, device: torch.device, reference: bool) -> dict[str
 
 class TokenCountingRecipe(PhasesRecipe):
     """The loop's recipe interface; ``prepare`` also counts the step's tokens into ``tokens``
-    and resets the peak-memory counter (what follows is the update)."""
+    and resets the peak-memory counter (what follows is the update). It carries the
+    ``policy``, so the loop computes in its compute dtype and shards its reference."""
 
-    def __init__(self, phases, model, tokens: dict[str, int], device: torch.device):
-        super().__init__(phases, model)
+    def __init__(self, phases, policy, tokens: dict[str, int], device: torch.device):
+        super().__init__(phases, policy.model)
+        self.policy = policy
         self.tokens = tokens
         self.device = device
 
@@ -276,9 +294,11 @@ class TokenCountingRecipe(PhasesRecipe):
 
 def build_trainer(args, recipe):
     from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+    from vlreason.train.parallel import ParallelConfig
 
     loop = LoopConfig(output_dir=os.environ.get("TMPDIR", "/tmp") + "/vlreason_gpu_bench", seed=args.seed,
                       max_steps=args.warmup + args.steps, trackers=[], progress=False,
+                      parallel=ParallelConfig(strategy=args.strategy),
                       optim=OptimConfig(lr=1e-6, weight_decay=0.0, schedule="constant", max_grad_norm=1.0))
     return Trainer(loop, recipe)
 
@@ -393,7 +413,8 @@ def report(bench: Bench, args, records: list[dict[str, Any]]) -> dict[str, Any]:
         "benchmark": "vlreason GRPO step, Qwen2.5-VL-3B shape, random weights (benchmarks/gpu_bench.py)",
         "smoke": args.smoke,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(bench.dtype).replace("torch.", ""),
+        "dtype": str(bench.dtype).replace("torch.", ""),  # compute dtype; master weights fp32
+        "strategy": args.strategy,
         "attention": "sdpa",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -425,7 +446,7 @@ def print_table(result: dict[str, Any]) -> None:
 
     print()
     print(f"vlreason GRPO step | {'SMOKE (toy shapes)' if result['smoke'] else 'Qwen2.5-VL-3B shape'} | "
-          f"{result['device']} | {result['dtype']} | sdpa | torch {result['versions']['torch']} | "
+          f"{result['device']} | {result['dtype']} compute, fp32 masters | {result['strategy']} | sdpa | torch {result['versions']['torch']} | "
           f"transformers {result['versions']['transformers']}")
     print(f"params {result['params'] / 1e9:.3f} B | {shape['prompts_per_step']} prompt(s) x G={shape['num_generations']} "
           f"= {N} completions of {shape['max_new_tokens']} tokens | image {shape['image_side']}x{shape['image_side']} | "
@@ -477,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="peak bf16 dense TFLOP/s for MFU (default: from the device name, 989 for H100 SXM)")
     p.add_argument("--time-limit", type=float, default=400, help="stop measuring after this many seconds")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="forward/backward dtype over fp32 master weights (default: bfloat16 on CUDA, "
+                        "float32 on CPU)")
+    p.add_argument("--strategy", choices=["none", "fsdp2"], default="none",
+                   help="parallel.strategy of the loop: fsdp2 wraps decoder layers and vision blocks with "
+                        "FSDP2 (one process here: a one-process group if not under torchrun)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/gpu_bench.json if $OUT is set)")
     args = p.parse_args(argv)

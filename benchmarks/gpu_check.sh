@@ -34,7 +34,7 @@ LIMIT_S="${LIMIT_S:-450}"
 TESTS_S="${TESTS_S:-240}"
 REPORT="${OUT:-${TMPDIR:-/tmp}/gpu_check}"
 BENCH_ARGS=(--steps 1 --warmup 1 --max-new-tokens 512)
-SMOKE_BENCH_ARGS=(--smoke --steps 1 --warmup 0)
+SMOKE_BENCH_ARGS=(--smoke --steps 1 --warmup 0 --compute-dtype bfloat16)  # the GPU run computes in bf16 too
 TESTS=(tests/gpu/test_gpu.py)
 start=$(date +%s)
 

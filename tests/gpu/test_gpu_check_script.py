@@ -45,3 +45,7 @@ def test_smoke_mode_runs_the_tests_and_the_toy_benchmark(tmp_path):
     assert (tmp_path / "gpu_tests.xml").is_file()
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert result["smoke"] and result["summary"]["measured_steps"] == 1
+    assert result["dtype"] == "bfloat16"  # autocast over fp32 master weights, as on the GPU
+    flops = result["summary"]["update_flops"]
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
+    assert 0 < flops["output_layer"] < flops["total"]
