@@ -53,8 +53,13 @@ Choices made here (the paper leaves them open, or the tiny default needs them):
   format; then 24 + 24 RL steps at lr 3e-4 (8 prompts a step). The paper's schedule is
   ``recipes/configs/vision_r1_paper.yaml``.
 * ``rollout.num_generations`` / ``rollout.max_new_tokens`` are not used by the RL
-  stages (each stage sets its own); ``rollout.max_new_tokens`` only remains the
-  length constant of ``algorithm.aggregation=seq-mean-token-sum-norm``.
+  stages (each stage sets its own). With ``algorithm.aggregation=seq-mean-token-sum-norm``
+  the Dr.GRPO constant is the current stage's ``max_new_tokens``.
+* **No system prompt, literally.** ``rollout.prompt.system_prompt=""`` with
+  ``rollout.prompt.template_default_system=false`` (the default here): the Qwen2-VL and
+  Qwen2.5-VL chat templates insert "You are a helpful assistant." when a conversation
+  has no system turn; the prompt builder removes that turn, so the rendered prompt
+  starts with the user turn.
 * Stage-end evaluation uses one length limit (``eval.max_new_tokens``) for every stage,
   so the numbers compare across stages. Every process evaluates the whole eval split
   (identical results), so the logged metrics agree across processes; only the main one
@@ -83,6 +88,7 @@ from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
+from vlreason.rollout.prompts import PromptConfig
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
@@ -159,7 +165,8 @@ class VisionR1RecipeConfig(LoopConfig):
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "RL and held-out datasets."})
     rollout: RolloutConfig = field(
-        default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48),
+        default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48,
+                                              prompt=PromptConfig(template_default_system=False)),
         metadata={"help": "Sampling, images and prompt format (length and G come from ptst.stages)."},
     )
     cold_start: ColdStartConfig = field(

@@ -79,7 +79,7 @@ def test_defaults_follow_the_paper_and_resolve_the_schedule():
     cfg = load_config(VisionR1RecipeConfig)
     a = cfg.algorithm
     assert (a.reward, a.kl_coef, a.kl_estimator, a.advantage, a.clip_low) == ("vision_r1", 0.01, "k3", "grpo", 0.2)
-    assert cfg.rollout.prompt.system_prompt == ""
+    assert cfg.rollout.prompt.system_prompt == "" and cfg.rollout.prompt.template_default_system is False
     stages = cfg.ptst.stages
     assert [(s.max_new_tokens, s.num_generations) for s in stages] == [(24, 8), (48, 4)]
     assert cfg.max_steps == cfg.cold_start.steps + sum(s.steps for s in stages)  # 0 -> whole schedule
@@ -103,6 +103,57 @@ def test_shipped_configs_match_the_default_and_the_paper():
     paper = load_config(VisionR1RecipeConfig, configs / "vision_r1_paper.yaml")
     assert [(s.max_new_tokens, s.num_generations, s.steps) for s in paper.ptst.stages] == [(4096, 16, 100), (8192, 8, 100)]
     assert (paper.cold_start.lr, paper.cold_start.max_target_tokens, paper.algorithm.kl_coef) == (5e-6, 16384, 0.01)
+    assert paper.rollout.prompt.system_prompt == "" and paper.rollout.prompt.template_default_system is False
+
+
+# A ChatML template that, like the Qwen2-VL and Qwen2.5-VL ones, puts a default system turn in
+# front of a conversation that has none (the tiny model's own template does not).
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def test_no_system_prompt_means_no_system_turn_with_a_qwen2_style_template():
+    from recipes.vision_r1 import VisionR1RecipeConfig
+    from vlreason.data.schema import load_canonical
+    from vlreason.models.loading import load_processor
+    from vlreason.models.tiny import tiny_model_path
+    from vlreason.paths import demo_data
+    from vlreason.rollout.prompts import PromptConfig, build_prompt_batch
+    from vlreason.views.budget import PixelBudget
+
+    processor = load_processor(tiny_model_path())
+    processor.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    row = load_canonical(demo_data("train"))[0]
+    budget = PixelBudget(min_pixels=3136, max_pixels=12544, factor=28)
+
+    def rendered(cfg: PromptConfig) -> str:
+        ids = build_prompt_batch([row], processor, budget, cfg).input_ids_PT[0]
+        return processor.tokenizer.decode(ids, skip_special_tokens=False)
+
+    vision_r1 = load_config(VisionR1RecipeConfig).rollout.prompt
+    text = rendered(vision_r1)
+    assert "system" not in text and "helpful assistant" not in text
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and text.endswith("<|im_start|>assistant\n")
+    assert row["question"] in text
+    # control: an empty system prompt that keeps the template's default gets its system turn
+    kept = rendered(PromptConfig(system_prompt="", template_default_system=True))
+    assert kept.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert kept.endswith(text)
+    # a system prompt of ours is the only system turn, whatever the flag says
+    ours = rendered(PromptConfig(system_prompt="Think first.", template_default_system=False))
+    assert ours.startswith("<|im_start|>system\nThink first.<|im_end|>\n") and ours.count("system") == 1
 
 
 # ---- end to end ----------------------------------------------------------------------------

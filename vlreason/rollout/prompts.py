@@ -34,7 +34,11 @@ _IMAGE_SLOT = "\x00image\x00"
 
 @dataclass
 class PromptConfig:
-    system_prompt: str = doc("System prompt; empty for none (Vision-R1 uses none).", "")
+    system_prompt: str = doc("System prompt; empty: none of ours (see template_default_system).", "")
+    template_default_system: bool = doc(
+        "With system_prompt empty, keep the system turn a chat template inserts on its own (Qwen2-VL "
+        "and Qwen2.5-VL insert 'You are a helpful assistant.'); false: no system turn at all "
+        "(Vision-R1's 'no system prompt').", True)
     template: str = doc(
         "User text; {question} is replaced by the row's question (and {choices} by its options).",
         "{question}",
@@ -105,6 +109,24 @@ def user_content(row: dict[str, Any], num_images: int, cfg: PromptConfig) -> lis
     return content
 
 
+_SYSTEM_HEAD, _TURN_END = "<|im_start|>system\n", "<|im_end|>"
+
+
+def render_prompt(processor, messages: list[dict], cfg: PromptConfig) -> str:
+    """The chat template applied to ``messages`` with the assistant turn opened. When the
+    config asks for no system turn at all, a system turn the template put in front of a
+    conversation that has none (ChatML, as the Qwen templates write it) is removed."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if cfg.system_prompt or cfg.template_default_system or messages[0]["role"] == "system":
+        return text
+    if text.startswith(_SYSTEM_HEAD):
+        end = text.find(_TURN_END)
+        if end >= 0:
+            text = text[end + len(_TURN_END):]
+            text = text[1:] if text.startswith("\n") else text
+    return text
+
+
 def strip_images(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "images"}
 
@@ -126,10 +148,7 @@ def build_prompt_batch(
         raise ValueError("build_prompt_batch needs at least one row")
     per_row = images if images is not None else [decode_row_images(r) for r in rows]
     resized = [[budget.resize(img) for img in imgs] for imgs in per_row]
-    texts = [
-        processor.apply_chat_template(build_messages(r, len(imgs), cfg), add_generation_prompt=True, tokenize=False)
-        for r, imgs in zip(rows, resized)
-    ]
+    texts = [render_prompt(processor, build_messages(r, len(imgs), cfg), cfg) for r, imgs in zip(rows, resized)]
     flat = [img for imgs in resized for img in imgs]
     processor.tokenizer.padding_side = "left"
     inputs = processor(
