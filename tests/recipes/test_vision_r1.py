@@ -156,6 +156,20 @@ def test_no_system_prompt_means_no_system_turn_with_a_qwen2_style_template():
     assert ours.startswith("<|im_start|>system\nThink first.<|im_end|>\n") and ours.count("system") == 1
 
 
+def test_each_rl_step_hands_its_stage_length_to_grpo():
+    # GRPOPhases uses the max_new_tokens it is given as the Dr.GRPO constant
+    # (tests/train/test_grpo_dapo.py::test_drgrpo_constant_is_the_rollouts_own_length_limit)
+    from recipes.vision_r1 import VisionR1Recipe, tiny_stages
+
+    recipe = VisionR1Recipe.__new__(VisionR1Recipe)
+    recipe.cold_steps, recipe.stages, recipe.rl_started = 2, tiny_stages(), True
+    calls = []
+    recipe.grpo = SimpleNamespace(prepare=lambda step, timer, **kw: (calls.append(kw), ({}, {}))[1], loss=None)
+    for step in (2, 25, 26, 49):  # first and last step of stage 1 (24 steps), then of stage 2
+        recipe.prepare_rl(step, None)
+    assert [(c["max_new_tokens"], c["num_generations"]) for c in calls] == [(24, 8), (24, 8), (48, 4), (48, 4)]
+
+
 # ---- end to end ----------------------------------------------------------------------------
 
 def test_cold_start_then_ptst_stages_then_eval(tmp_path):
