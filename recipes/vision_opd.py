@@ -12,7 +12,8 @@ token the student's top-k log-probs (with gradient) and the teacher's log-probs 
 SAME ids, each plus a tail bucket, are compared by the generalised JSD (alpha 0.5);
 tokens are weighted by the detached ``min(exp(logp - logp_old), 2)`` and the loss is the
 token mean over the whole step (the global-count normalisation of GRPOPhases). No
-reward, advantage or reference KL. The maths is ``vlreason.algorithms.vision_opd_loss``.
+reward, advantage or reference KL. The maths is ``vlreason.algorithms.vision_opd_loss``
+(the loss) and ``vlreason.algorithms.opd`` (the step's diagnostics, the EMA teacher step).
 
 One step:
 
@@ -27,8 +28,8 @@ One step:
 3. update: the student's log-probs at the stored ids with gradient, the loss, backward;
 4. after the optimizer step: theta_T <- (1 - teacher.ema) theta_T + teacher.ema theta_S
    over the trainable tensors (the frozen ones are equal in both copies), accumulated
-   in an fp32 shadow (``vlreason.algorithms.ema_update_``); the teacher's forward copy
-   (in the compute dtype, e.g. bf16) is refreshed from it.
+   in an fp32 shadow; the teacher's forward copy (in the compute dtype, e.g. bf16) is
+   refreshed from it (``vlreason.algorithms.opd.ema_teacher_step_``).
 
 Logged every step: ``loss``, ``jsd`` (token mean over the step before the update),
 ``agreement`` (fraction of tokens where the teacher's argmax among the student's top-k
@@ -77,7 +78,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,11 +91,10 @@ from vlreason.algorithms import (
     DIVERGENCES,
     aggregate_sum_and_count,
     copy_to_,
-    ema_update_,
     fp32_shadow,
-    topk_token_divergence,
     vision_opd_loss,
 )
+from vlreason.algorithms.opd import ema_teacher_step_, opd_token_sums, token_means
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig, resolve_dtype
@@ -321,9 +320,8 @@ class VisionOPDRecipe(Recipe):
         per_micro = a.micro_batch_prompts * G
         micro = [batch.select(list(range(i, min(i + per_micro, batch.num_completions))))
                  for i in range(0, batch.num_completions, per_micro)]
-        jsd_sum = agree_sum = tokens = 0.0
+        sums = []  # per micro-batch: the diagnostics' token sums (jsd, agreement)
         for mb in micro:
-            mask = mb.completion_mask_NT.bool()
             with torch.no_grad():
                 with timer("student_topk"):
                     s = self.policy.token_outputs(mb, topk=self.topk, temperature=temperature)
@@ -333,17 +331,13 @@ class VisionOPDRecipe(Recipe):
                 mb.old_logprobs_NT = s.logprobs_NT.detach()
                 mb.extras["topk_ids_NTK"] = s.topk_ids_NTK
                 mb.extras["teacher_logprobs_NTK"] = t.logprobs_at_NTK.detach()
-                m = mask.to(s.topk_logprobs_NTK.device)
-                div = topk_token_divergence(s.topk_logprobs_NTK, t.logprobs_at_NTK, a.divergence,
-                                            alpha=a.alpha, min_tail_prob=a.min_tail_prob)
-                agree = s.topk_logprobs_NTK.argmax(-1) == t.logprobs_at_NTK.argmax(-1)
-                jsd_sum += float(div[m].sum())
-                agree_sum += float(agree[m].float().sum())
-                tokens += float(m.sum())
+            sums.append(opd_token_sums(s.topk_logprobs_NTK, t.logprobs_at_NTK, mb.completion_mask_NT,
+                                       kind=a.divergence, alpha=a.alpha, min_tail_prob=a.min_tail_prob))
+        means = token_means(sums)  # exact token means over this process's share of the step
         lengths = batch.completion_lengths_N.float()
         metrics = {
-            "jsd": jsd_sum / max(tokens, 1.0),
-            "agreement": agree_sum / max(tokens, 1.0),
+            "jsd": means["divergence"],
+            "agreement": means["agreement"],
             "completion_len": float(lengths.mean()),
             "completion_len_max": float(lengths.max()),
             "truncated_frac": float(batch.truncated_N.float().mean()),
@@ -378,7 +372,9 @@ class VisionOPDRecipe(Recipe):
             # the loop averages gradients over processes: scale so their mean is the global loss
             global_count=self.normaliser / world()[1],
         )
-        metrics.pop("divergence_mean", None)  # `jsd` (prepare) is the step's exact token mean
+        # `jsd` (prepare, opd_token_sums) is the step's exact token mean; the loss's own
+        # divergence_mean is a micro-batch mean of the same quantity, not logged twice
+        metrics.pop("divergence_mean", None)
         return loss, {k: float(v) for k, v in metrics.items()}
 
     @torch.no_grad()
@@ -386,16 +382,12 @@ class VisionOPDRecipe(Recipe):
         """EMA of the teacher towards the student (trainable tensors only; the others are
         equal in both copies): theta_T <- (1 - ema) theta_T + ema theta_S in the fp32
         shadow, then the teacher's forward copy is refreshed from it."""
-        ema = self.cfg.teacher.ema
         student = dict(self.model.named_parameters())
-        students = [full_tensor(student[n].detach()) for n in self.trainable]
-        shadows = [self.teacher_shadow[n] for n in self.trainable]
-        if ema > 0:
-            ema_update_(shadows, students, 1.0 - ema)
-            teacher = dict(self.teacher.named_parameters())
-            copy_to_([teacher[n] for n in self.trainable], shadows)
-        sq = sum(float((t - s.to(t.device, torch.float32)).pow(2).sum()) for t, s in zip(shadows, students))
-        return {"teacher/distance": math.sqrt(sq)}
+        teacher = dict(self.teacher.named_parameters())
+        distance = ema_teacher_step_(
+            [teacher[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable],
+            [full_tensor(student[n].detach()) for n in self.trainable], self.cfg.teacher.ema)
+        return {"teacher/distance": distance}
 
     # ---- state: data position, counters, the EMA teacher -----------------------------------
     def teacher_state(self) -> dict[str, torch.Tensor]:
