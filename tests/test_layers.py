@@ -18,6 +18,7 @@ The layers (DESIGN.md, top to bottom), and where the top-level modules sit:
                                      loop and the eval verb use it; it uses the rollout)
     vlreason.rollout                 Policy use: sampling, log-probs, the batch object
     vlreason.reasoners               external text-only samplers (SOPHIA): rollout level
+    vlreason.reasoner_cache          the reasoners' on-disk call cache: rollout level
     vlreason.algorithms              pure tensor functions: import nothing of vlreason
     vlreason.rewards                 pure functions: import nothing of vlreason
     vlreason.views                   image views: models, data and utilities below them
@@ -53,7 +54,7 @@ _DATA = {"vlreason.data"} | UTILITIES
 _MODELS = {"vlreason.models"} | _DATA
 _VIEWS = {"vlreason.views"} | _MODELS
 _BOTTOM = {"vlreason.algorithms", "vlreason.rewards"} | _VIEWS
-_ROLLOUT = {"vlreason.rollout", "vlreason.reasoners"} | _BOTTOM
+_ROLLOUT = {"vlreason.rollout", "vlreason.reasoners", "vlreason.reasoner_cache"} | _BOTTOM
 _EVALUATION = {"vlreason.evaluation"} | _ROLLOUT
 _TRAIN = {"vlreason.train", "vlreason.plotting"} | _EVALUATION
 _RECIPE_BASE = {"vlreason.recipe_base"} | _TRAIN
@@ -70,6 +71,7 @@ ALLOWED: dict[str, set[str]] = {
     "vlreason.evaluation": _EVALUATION,
     "vlreason.rollout": _ROLLOUT,
     "vlreason.reasoners": _ROLLOUT,
+    "vlreason.reasoner_cache": _ROLLOUT,
     "vlreason.algorithms": {"vlreason.algorithms"},
     "vlreason.rewards": {"vlreason.rewards"},
     "vlreason.views": _VIEWS,
