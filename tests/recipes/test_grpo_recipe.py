@@ -159,3 +159,22 @@ def test_dapo_options_and_two_updates_per_rollout_through_the_recipe(tmp_path):
     assert second["rollout/reused"] == 1 and "time/rollout" not in second and "dapo/rounds" not in second
     assert second["reward"] == first["reward"]
     assert second["ratio_mean"] != 1.0 and second["approx_kl"] > 0
+
+
+def test_dapo_paper_config_carries_dapos_numbers_and_a_source_on_every_value():
+    from recipes.grpo import GRPORecipeConfig
+    from vlreason.config import load_config
+
+    path = Path(__file__).parents[2] / "recipes" / "configs" / "grpo_dapo_paper.yaml"
+    cfg = load_config(GRPORecipeConfig, path)
+    a = cfg.algorithm
+    assert (a.clip_low, a.clip_high, a.kl_coef, a.aggregation) == (0.2, 0.28, 0.0, "token-mean")
+    assert (a.dynamic_sampling, a.overlong_cache, cfg.rollout.max_new_tokens) == (True, 4096, 20480)
+    # 512 prompts x 16 responses a rollout, 16 updates of 32 prompts
+    assert (a.prompts_per_step * a.mini_batches, cfg.rollout.num_generations, a.updates_per_rollout) == (512, 16, 16)
+    assert cfg.optim.lr == 1e-6 and cfg.save_steps % a.updates_per_rollout == 0
+    for line in path.read_text().splitlines():  # every number and switch names its source
+        key, _, value = line.split("#")[0].partition(":")
+        value = value.strip()
+        if value in ("true", "false") or value.replace(".", "").replace("e-", "").isdigit():
+            assert "[" in line.partition("#")[2], f"no source: {line}"

@@ -104,6 +104,10 @@ def test_shipped_configs_match_the_default_and_the_paper():
     assert [(s.max_new_tokens, s.num_generations, s.steps) for s in paper.ptst.stages] == [(4096, 16, 100), (8192, 8, 100)]
     assert (paper.cold_start.lr, paper.cold_start.max_target_tokens, paper.algorithm.kl_coef) == (5e-6, 16384, 0.01)
     assert paper.rollout.prompt.system_prompt == "" and paper.rollout.prompt.template_default_system is False
+    for line in (configs / "vision_r1_paper.yaml").read_text().splitlines():  # a source on every number/switch
+        value = line.split("#")[0].partition(":")[2].strip()
+        if value in ("true", "false") or value.replace(".", "").replace("e-", "").isdigit():
+            assert "[" in line.partition("#")[2], f"no source: {line}"
 
 
 # A ChatML template that, like the Qwen2-VL and Qwen2.5-VL ones, puts a default system turn in
