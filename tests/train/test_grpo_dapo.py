@@ -231,3 +231,45 @@ def test_config_validation():
         GRPOConfig(dynamic_sampling_max_rounds=0).validate()
     with pytest.raises(ValueError):
         GRPOConfig(overlong_cache=-1).validate()
+
+
+# ---- two processes: the same rounds, the same kept groups as one process ----------------
+
+def _rows_for_ranks():
+    # round 1: r0..r3 -> only r1 informative; round 2: r4..r7 all informative -> r1 r4 r5 r6, r7 trimmed
+    return [row(0, SAME), row(1, MIXED), row(2, SAME), row(3, ("b", "b")),
+            row(4, MIXED), row(5, MIXED), row(6, MIXED), row(7, MIXED)]
+
+
+def _kept(rank_world=None):
+    p, policy = phases(_rows_for_ranks(), prompts_per_step=4, dynamic_sampling=True)
+    micro, metrics = p.prepare(0, StepTimer())
+    return {"groups": groups_of(micro), "normaliser": p.normaliser, "rounds": len(policy.sampled),
+            "kept": metrics["dapo/kept_groups"], "dropped": metrics["dapo/dropped_groups"]}
+
+
+def _worker(rank, world_size, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(_kept(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 30 s on the shared 2-core machine
+def test_two_processes_run_the_same_rounds_and_keep_one_process_groups(tmp_path):
+    import torch.multiprocessing as mp
+
+    one = _kept()
+    assert one["groups"] == ["r1", "r4", "r5", "r6"] and one["rounds"] == 2 and one["normaliser"] == 24
+    out = tmp_path / "out"
+    mp.start_processes(_worker, args=(2, 29561, str(out)), nprocs=2, join=True, start_method="spawn")
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert parts[0]["groups"] + parts[1]["groups"] == one["groups"]  # rank 0: prompts 0-1, rank 1: 2-3
+    for part in parts:  # global decisions and counts
+        assert (part["rounds"], part["kept"], part["dropped"], part["normaliser"]) == (2, 4, 3, 24)
