@@ -141,9 +141,11 @@ def test_openai_reasoner_restores_the_think_block_the_template_opened(server):
 
 
 def test_openai_reasoner_errors_are_clear(server):
+    """(The fault matrix, retries and per-prompt counting: tests/test_reasoners_faults.py.)"""
     server.mode = "error"
-    with pytest.raises(ReasonerError, match="HTTP 503: overloaded"):
-        OpenAIReasoner(_url(server), "m", timeout_s=5).solve(["q"], 1, 8, 1.0, seed=0)
+    with pytest.raises(ReasonerError, match="failed after 2 tries: HTTP 503: overloaded"):
+        OpenAIReasoner(_url(server), "m", timeout_s=5, max_retries=1, retry_backoff_s=0.01).solve(
+            ["q"], 1, 8, 1.0, seed=0)
     server.mode = "slow"
     with pytest.raises(ReasonerError, match="failed after 1 tries"):
         OpenAIReasoner(_url(server), "m", timeout_s=0.2, max_retries=0).solve(["q"], 1, 8, 1.0, seed=0)
@@ -152,7 +154,8 @@ def test_openai_reasoner_errors_are_clear(server):
     server.shutdown()
     server.server_close()
     with pytest.raises(ReasonerError, match="failed after 2 tries"):
-        OpenAIReasoner(closed, "m", timeout_s=1, max_retries=1).solve(["q"], 1, 8, 1.0, seed=0)
+        OpenAIReasoner(closed, "m", timeout_s=1, max_retries=1, retry_backoff_s=0.01).solve(
+            ["q"], 1, 8, 1.0, seed=0)
 
 
 class _Echo:
