@@ -142,9 +142,10 @@ def test_dapo_options_and_two_updates_per_rollout_through_the_recipe(tmp_path):
     # groups (or says it fell short), the overlong penalty is in the rewards, and with
     # updates_per_rollout=2 the second step reuses the rollout with an active ratio.
     run = tmp_path / "run"
-    args = [a for a in FAST if not a.startswith("max_steps")]
-    assert main(["train", "grpo", f"output_dir={run}", "max_steps=2", "algorithm.dynamic_sampling=true",
-                 "algorithm.dynamic_sampling_max_rounds=3", "algorithm.overlong_cache=16",
+    args = [a for a in FAST if not a.startswith(("max_steps", "rollout.max_new_tokens"))]
+    assert main(["train", "grpo", f"output_dir={run}", "max_steps=2", "rollout.max_new_tokens=24",
+                 "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
+                 "algorithm.overlong_cache=8",
                  "algorithm.updates_per_rollout=2", "optim.lr=3e-3", *args]) == 0
     first, second = _metrics(run)
     rounds = first["dapo/rounds"]
