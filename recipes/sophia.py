@@ -48,7 +48,13 @@ Logged: ``loss``, ``nll``, ``sophia/kept_rows`` (rows with a kept solution this 
 ``sophia/captions_above_threshold``, ``sophia/solution_acc`` (mean R(y)),
 ``sophia/kept_tokens``, ``sophia/kept_too_long``, ``sophia/kept_malformed``,
 ``sophia/solution_format`` (fraction of solutions in the strict format), ``caption_len``,
-``data/skipped_rows``, ``time/*``.
+``data/skipped_rows``, ``sophia/reasoner_failed`` (captions the reasoner failed on after
+its retries: counted, left out of the caption reward and the selection, never filled
+in), ``reasoner/cache_hits`` / ``cache_misses`` / ``calls`` (answered prompts are cached
+on disk in ``<output_dir>/reasoner_cache``, so a resumed or repeated round asks the
+reasoner nothing twice: ``vlreason.reasoner_cache``), ``reasoner/requests`` /
+``retries`` / ``prompt_tokens`` / ``completion_tokens`` (an OpenAI-compatible server),
+``time/*``.
 
 Embedded default: the warm tiny VLM (assets/warm-tiny) and, as reasoner, a tiny RANDOM
 text LM built offline into the vlreason cache: its solutions are noise and almost never
