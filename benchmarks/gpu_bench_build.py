@@ -71,12 +71,12 @@ def prefix_sampler_passes_cache() -> bool:
 
 def build_processor(image_pixels: int):
     """vlreason's offline tokenizer + the family's real processor classes."""
-    from vlreason.models.families import get_family
     from vlreason.models.tiny import CHAT_TEMPLATE, TinySpec, build_tokenizer
+    from vlreason.models.tiny_builders import build_processor as family_processor
 
     tokenizer = build_tokenizer(1024)
     spec = TinySpec(min_pixels=56 * 56, max_pixels=max(image_pixels, 56 * 56))
-    return get_family("qwen2_5_vl").build_processor(tokenizer, spec, CHAT_TEMPLATE)
+    return family_processor("qwen2_5_vl", tokenizer, spec, CHAT_TEMPLATE)
 
 
 def build_config(processor, smoke: bool):

@@ -33,8 +33,12 @@ def test_tiny_model_loads_and_generates(tmp_path, family):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n")
     inputs = processor(text=[text], images=[Image.new("RGB", (112, 112), "red")], return_tensors="pt")
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert int((inputs["input_ids"] == image_pad).sum()) == int(inputs["image_grid_thw"].prod() // 4)
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    if family == "internvl":  # tiles of 56 px (4 of them + a thumbnail), image_seq_length tokens each
+        assert inputs["pixel_values"].shape == (5, 3, 56, 56)
+        assert image_tokens == model.config.image_seq_length * 5
+    else:  # Qwen: one token per 2 x 2 merged patches
+        assert image_tokens == int(inputs["image_grid_thw"].prod() // 4)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     # reasoning tags are single tokens that survive decoding

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from vlreason.models.families import get_family
 from vlreason.models.loading import ModelConfig
 from vlreason.models.tiny import FAMILIES, family_available, tiny_model_path
 from vlreason.rollout.batch import PromptBatch
@@ -57,7 +58,10 @@ def _assert_same_completions(plain, shared) -> None:
     assert plain.texts == shared.texts
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Qwen3.5's prefix path (its linear-attention cache included) is checked against a full
+# forward by test_loop_logits_match_full_forward; HF generate on its CPU-fallback
+# linear-attention layers would cost ~20 s here.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_5"])
 def test_greedy_matches_plain_generate(policies, rows, family):
     policy = _policy(policies, family)
     plain, shared = _sample_both(policy, _prompts(policy, rows), seed=0, temperature=0.0)
@@ -140,9 +144,10 @@ def test_loop_logits_match_full_forward(policies, rows, family):
     torch.testing.assert_close(loop[mask], scored[mask], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).position_rows == 3])
 def test_decode_positions_continue_the_unpadded_prompt(policies, rows, family):
-    """First new token at rope_delta + real (unpadded) prompt length, all three rows equal."""
+    """First new token at rope_delta + real (unpadded) prompt length, all three rows equal
+    (M-RoPE families; InternVL's plain positions: tests/models/test_family_layouts.py)."""
     policy = _policy(policies, family)
     prompts = _prompts(policy, rows)
     core = policy.family.core(policy.model)

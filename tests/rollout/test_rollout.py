@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlreason.models.families import get_family
 from vlreason.models.loading import ModelConfig
 from vlreason.models.tiny import FAMILIES, family_available, tiny_model_path
 from vlreason.rollout.forward import completion_hidden_states
@@ -25,25 +26,28 @@ def _policy(family="qwen2_5_vl", with_reference=False) -> Policy:
 
 
 class VisionCounter:
-    """Counts vision-tower forward calls and the patch rows (images) they encode."""
+    """Counts vision-tower forward calls and the ``pixel_values`` rows they encode (Qwen's
+    patches, InternVL's tiles), on the tower the family names."""
 
-    def __init__(self, *models):
+    def __init__(self, family, *models):
         self.calls, self.rows = 0, 0
-        self.handles = [m.model.visual.register_forward_hook(self.hook) for m in models]
+        self.handles = [family.vision_tower(m).register_forward_hook(self.hook, with_kwargs=True) for m in models]
 
-    def hook(self, module, args, output):
+    def hook(self, module, args, kwargs, output):
         self.calls += 1
-        self.rows += args[0].shape[0]
+        self.rows += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
     def reset(self):
         self.calls, self.rows = 0, 0
 
 
-def test_vision_tower_runs_once_per_prompt_group(rows):
-    policy = _policy(with_reference=True)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5", "internvl"])
+def test_vision_tower_runs_once_per_prompt_group(rows, family):
+    policy = _policy(family, with_reference=True)
     prompts = policy.prompts(rows)
-    distinct_rows = int(prompts.image_grid_thw.prod(-1).sum())  # 3 distinct images
-    counter = VisionCounter(policy.model, policy.reference)
+    distinct_rows = sum(policy.family.pixel_rows(prompts))  # 3 distinct images
+    assert distinct_rows == prompts.pixel_values.shape[0] and len(policy.family.pixel_rows(prompts)) == 3
+    counter = VisionCounter(policy.family, policy.model, policy.reference)
 
     batch = policy.sample(prompts, seed=0)
     assert batch.num_completions == len(rows) * G
@@ -58,8 +62,9 @@ def test_vision_tower_runs_once_per_prompt_group(rows):
     assert (counter.calls, counter.rows) == (1, distinct_rows), "reference pass re-encoded images per completion"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).position_rows == 3])
 def test_logprobs_match_plain_forward(rows, family):
+    """M-RoPE families (InternVL's tile layout: tests/models/test_family_layouts.py)."""
     policy = _policy(family)
     prompts = policy.prompts(rows)
     batch = policy.sample(prompts, seed=1)

@@ -136,7 +136,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None, train
         enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, family)
     return model, family
 
 
@@ -150,7 +150,8 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def projector(family: Family, model) -> torch.nn.Module:
-    return family.core(model).visual.merger
+    """The vision-to-language projector (Qwen's merger, InternVL's multi_modal_projector)."""
+    return family.projector(model)
 
 
 class _ModuleGroup(torch.nn.Module):
@@ -162,14 +163,10 @@ class _ModuleGroup(torch.nn.Module):
 
 
 def vision_tower_params(family: Family, model, include_projector: bool) -> torch.nn.Module:
-    visual = family.core(model).visual
-    if include_projector:
-        return visual
-    parts = [m for name, m in visual.named_children() if name != "merger"]
-    return _ModuleGroup(parts)
+    return _ModuleGroup(family.vision_modules(model, include_projector))
 
 
-def apply_lora(model, cfg: LoraConfig):
+def apply_lora(model, cfg: LoraConfig, family: Family | None = None):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -179,7 +176,7 @@ def apply_lora(model, cfg: LoraConfig):
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
         and name.split(".")[-1] in names
-        and (cfg.include_vision or ".visual." not in f".{name}.")
+        and (cfg.include_vision or not (family or family_for_config(model.config)).is_vision_parameter(name))
     ]
     if not targets:
         raise ValueError(f"model.lora.target_modules {sorted(names)} match no linear layer of the model")

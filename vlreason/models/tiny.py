@@ -1,4 +1,4 @@
-"""Tiny random Qwen-VL checkpoints, built offline (``vlreason tiny-model``).
+"""Tiny random vision-language checkpoints of every family, built offline (``vlreason tiny-model``).
 
 A tiny checkpoint is a real transformers checkpoint directory: a byte-level BPE
 tokenizer trained here with ``tokenizers`` (Qwen chat special tokens plus the
@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlreason.models.tiny_builders import BUILDERS, CHAT_TOKENS, get_builder
+
 BUILDER_VERSION = 1
 
 # Special tokens of the Qwen chat format, in the order Qwen assigns them.
@@ -40,30 +42,44 @@ SPECIAL_TOKENS = [
 # Reasoning tags: added as whole tokens but not "special", so decoding keeps them.
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
-# A Qwen-style chat template: system turn only when given, images and text in content
-# order, `add_generation_prompt` opens the assistant turn.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+def chat_template(image: str = "<|vision_start|><|image_pad|><|vision_end|>",
+                  video: str = "<|vision_start|><|video_pad|><|vision_end|>") -> str:
+    """A Qwen-style chat template: system turn only when given, images and text in content
+    order, `add_generation_prompt` opens the assistant turn; ``image`` / ``video`` are the
+    family's placeholders (its processor expands them to the image tokens)."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}"
+        "{{ message['content'] }}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' or 'image' in part -%}"
+        + _literal(image) +
+        "{%- elif part['type'] == 'video' or 'video' in part -%}"
+        + _literal(video) +
+        "{%- elif part['type'] == 'text' -%}"
+        "{{ part['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+def _literal(text: str) -> str:
+    """``text`` as template output: raw, or as an expression when it holds whitespace
+    (the ``{%- -%}`` tags around it would strip that)."""
+    return "{{ '" + text.replace("\n", "\\n") + "' }}" if text != text.strip() else text
+
+
+# The Qwen families' template (also the tiny text reasoner's).
+CHAT_TEMPLATE = chat_template()
+
+FAMILIES = tuple(BUILDERS)
 
 
 @dataclass(frozen=True)
@@ -145,12 +161,17 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer with the Qwen chat specials and reasoning tags."""
+def build_tokenizer(vocab_size: int, family: str | None = None):
+    """A byte-level BPE tokenizer with the chat specials, the family's vision tokens (the
+    Qwen ones by default) and the reasoning tags."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe_vocab = min(vocab_size, 1024) - len(SPECIAL_TOKENS) - len(REASONING_TOKENS)
+    specials, named = SPECIAL_TOKENS, {}
+    if family is not None:
+        builder = get_builder(family)
+        specials, named = [*CHAT_TOKENS, *builder.vision_tokens], dict(builder.named_tokens)
+    bpe_vocab = min(vocab_size, 1024) - len(specials) - len(REASONING_TOKENS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -165,9 +186,10 @@ def build_tokenizer(vocab_size: int):
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS,
+        additional_special_tokens=list(specials),
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
+        **named,  # named vision tokens some processors read (InternVL's start_image_token, ...)
     )
     fast.add_tokens(REASONING_TOKENS, special_tokens=False)
     fast.padding_side = "left"
@@ -184,19 +206,21 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     if not ok:
         raise RuntimeError(f"cannot build a tiny {spec.family} model: {why}")
     family = get_family(spec.family)
+    builder = get_builder(spec.family)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        tokenizer = build_tokenizer(spec.vocab_size)
+        tokenizer = build_tokenizer(spec.vocab_size, spec.family)
         if len(tokenizer) > spec.vocab_size:
             raise ValueError(f"--vocab-size {spec.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        config = family.tiny_config(spec, ids)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*CHAT_TOKENS, *builder.vision_tokens)}
+        config = builder.config(spec, ids)
         torch.manual_seed(spec.seed)
         model = family.model_class()(config)
         model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         model.generation_config.do_sample = False
-        processor = family.build_processor(tokenizer, spec, CHAT_TEMPLATE)
+        template = chat_template(builder.image_placeholder, builder.video_placeholder)
+        processor = builder.processor(tokenizer, spec, template)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "vlreason_tiny.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))

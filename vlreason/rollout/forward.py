@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlreason.models.families import Family
+from vlreason.models.families import Family, qwen_pixel_rows
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.chunked import chunked_topk, gather_logprobs
 from vlreason.rollout.chunked_entropy import chunked_entropy
@@ -27,9 +27,9 @@ class TokenOutputs:
     logprobs_at_NTK: torch.Tensor | None = None  # log-probs at caller-given ids
 
 
-def pixel_rows(image_grid_thw: torch.Tensor) -> list[int]:
-    """Number of patch rows of ``pixel_values`` each image occupies."""
-    return image_grid_thw.prod(-1).tolist()
+# Rows of Qwen's patch-flattened ``pixel_values`` per image (the family's layout:
+# ``family.pixel_rows(prompts)`` is the general form).
+pixel_rows = qwen_pixel_rows
 
 
 def encode_prompt_images(model, family: Family, batch: RolloutBatch, prompt_index: list[int]):
@@ -38,10 +38,8 @@ def encode_prompt_images(model, family: Family, batch: RolloutBatch, prompt_inde
     if prompts.pixel_values is None or not prompt_index:
         return None, []
     image_index = prompts.image_index(prompt_index)
-    rows = pixel_rows(prompts.image_grid_thw)
-    starts = torch.tensor([0, *rows]).cumsum(0).tolist()
-    pixel_values = torch.cat([prompts.pixel_values[starts[i] : starts[i + 1]] for i in image_index])
-    encoded = family.encode_images(model, pixel_values, prompts.image_grid_thw[image_index])
+    pixel_values = family.pixel_values_of(prompts, image_index)
+    encoded = family.encode_images(model, pixel_values, family.image_meta(prompts, image_index))
     return encoded, image_index
 
 
@@ -63,7 +61,7 @@ def completion_hidden_states(model, family: Family, batch: RolloutBatch) -> torc
         needed = prompts.image_index(group.tolist())
         position = {image: k for k, image in enumerate(encoded_images)}
         encoded = family.select_images(encoded, [position[i] for i in needed])
-        grid = prompts.image_grid_thw[needed]
+        grid = family.image_meta(prompts, needed)
     hidden = family.hidden_states(model, input_ids, attention_mask, mm_types, grid, encoded)
     prompt_len = prompts.input_ids_PT.shape[1]
     completion_len = batch.completion_ids_NT.shape[1]

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from vlreason.config import doc
-from vlreason.models.families import Family
+from vlreason.models.families import QWEN_VISION_TOKENS, Family, get_family
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import encode_prompt_images
 from vlreason.rollout.prefix import DecodeSettings, sample_with_shared_prefix
 
-# Token strings a completion must never contain: they would corrupt the image-token
-# layout when the completion is scored ("Image features and image tokens do not match").
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+# The Qwen families' vision tokens; each family names its own (``family.suppress_ids``):
+# a completion must never contain them, they would corrupt the image-token layout when it
+# is scored ("Image features and image tokens do not match").
+VISION_TOKENS = QWEN_VISION_TOKENS
 
 
 @dataclass
@@ -52,10 +53,9 @@ class SamplingConfig:
             raise ValueError("rollout.top_p must be in (0, 1]")
 
 
-def end_token_ids(processor) -> list[int]:
-    tok = processor.tokenizer
-    ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
-    return sorted(i for i in ids if i is not None and i >= 0)
+def end_token_ids(processor, family: Family | None = None) -> list[int]:
+    """The family's end-of-turn token and the tokenizer's EOS (Qwen's ``<|im_end|>`` when no family is given)."""
+    return (family or get_family("qwen2_5_vl")).end_ids(processor.tokenizer)
 
 
 def completion_masks(ids_NT: torch.Tensor, end_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,8 +96,7 @@ def _generate_group(model, family: Family, prompts: PromptBatch, encoded, settin
     kwargs = {}
     image_index = prompts.image_index(group.tolist()) if encoded is not None else []
     if image_index:  # a text-only prompt has no image to hand over
-        kwargs["mm_encoder_outputs"] = {"image": family.select_images(encoded, image_index)}
-        kwargs["image_grid_thw"] = prompts.image_grid_thw[image_index]
+        kwargs = family.image_inputs(family.select_images(encoded, image_index), family.image_meta(prompts, image_index))
     if prompts.mm_token_type_ids_PT is not None:
         kwargs["mm_token_type_ids"] = prompts.mm_token_type_ids_PT[group]
     sampling = settings.sampling
@@ -152,8 +151,8 @@ def generate_completions(
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
-        suppress_ids=[i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0],
-        end_ids=end_token_ids(processor),
+        suppress_ids=family.suppress_ids(tok),
+        end_ids=family.end_ids(tok),
         pad_id=tok.pad_token_id,
         prompt_seeds=prompt_seeds(seed, P),
     )

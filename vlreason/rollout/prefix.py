@@ -5,12 +5,15 @@ prompt's KV cache is computed once (batch P, not P x G) and then repeated G time
 the batch, prompt-major like the plain path (rows p*G ... p*G+G-1). A plain decode loop
 follows, one token per step for all N = P x G rows.
 
-Positions. M-RoPE positions of the prompt come from the model's own ``get_rope_index``
-(left padding excluded through the attention mask). Every generated token is text, so
-its three M-RoPE rows are equal and continue from the prompt's last position:
-``position = last_prompt_position + 1 + step``, which is ``rope_delta + real prompt
-length + step`` (the real length, not the padded one). This is the rule HF ``generate``
-applies (``position_ids[..., -1] + 1`` per step).
+Positions belong to the family (:mod:`vlreason.models.families`): ``prompt_positions``
+gives ``[R, P, T]`` (R = 3 M-RoPE rows from the model's own ``get_rope_index`` for the
+Qwen families, R = 1 plain row for InternVL; left padding excluded through the attention
+mask). Every generated token is text, so its R rows are equal and continue from the
+prompt's last position: ``position = last_prompt_position + 1 + step`` (for M-RoPE
+``rope_delta + real prompt length + step``, the real length, not the padded one). This
+is the rule HF ``generate`` applies (``position_ids[..., -1] + 1`` per step). The
+family also turns ``[R, B, T]`` into the model's ``position_ids`` (``model_positions``)
+and repeats the prompt cache (``repeat_cache``: Qwen3.5's linear-attention states too).
 
 Sampling mirrors HF ``generate``: the same logits processors in the same order (vision
 tokens suppressed, then temperature, top-k, top-p), one ``torch.multinomial`` per step
@@ -46,7 +49,12 @@ class Prefill:
 
     logits_PV: torch.Tensor  # next-token logits after each prompt
     cache: Cache  # the P prompts' keys / values
-    next_position_3P: torch.Tensor  # M-RoPE position (t, h, w) of each prompt's first new token
+    next_position_RP: torch.Tensor  # position rows (M-RoPE t, h, w; or one plain row) of each first new token
+
+    @property
+    def next_position_3P(self) -> torch.Tensor:
+        """The M-RoPE name of ``next_position_RP`` (R = 3 for the Qwen families)."""
+        return self.next_position_RP
 
 
 @dataclass(frozen=True)
@@ -69,14 +77,8 @@ class DecodeSettings:
 
 
 def prompt_positions(model, family: Family, prompts: PromptBatch) -> torch.Tensor:
-    """M-RoPE positions [3, P, T] of the left-padded prompts (padding positions are 0)."""
-    mm_types = prompts.mm_token_type_ids_PT
-    if mm_types is None:  # text only: every token is text
-        mm_types = torch.zeros_like(prompts.input_ids_PT)
-    positions, _ = family.core(model).get_rope_index(
-        prompts.input_ids_PT, mm_types, prompts.image_grid_thw, attention_mask=prompts.attention_mask_PT
-    )
-    return positions
+    """Positions [R, P, T] of the left-padded prompts (padding positions are 0), as the family lays them out."""
+    return family.prompt_positions(model, prompts)
 
 
 def prefill(model, family: Family, prompts: PromptBatch, encoded=None) -> Prefill:
@@ -84,29 +86,29 @@ def prefill(model, family: Family, prompts: PromptBatch, encoded=None) -> Prefil
     positions = prompt_positions(model, family, prompts)
     kwargs = {}
     if encoded is not None:
-        kwargs["mm_encoder_outputs"] = {"image": encoded}
-        kwargs["image_grid_thw"] = prompts.image_grid_thw
+        all_images = list(range(sum(prompts.images_per_prompt)))
+        kwargs = family.image_inputs(encoded, family.image_meta(prompts, all_images))
     out = family.core(model)(
         input_ids=prompts.input_ids_PT,
         attention_mask=prompts.attention_mask_PT,
-        position_ids=positions,
+        position_ids=family.model_positions(positions),
         mm_token_type_ids=prompts.mm_token_type_ids_PT,
         use_cache=True,
         **kwargs,
     )
     logits = family.lm_head(model)(out.last_hidden_state[:, -1])
-    return Prefill(logits_PV=logits, cache=out.cache, next_position_3P=positions[:, :, -1] + 1)
+    return Prefill(logits_PV=logits, cache=out.cache, next_position_RP=positions[:, :, -1] + 1)
 
 
 def decode_step(
     model, family: Family, tokens_N: torch.Tensor, attention_mask_NT: torch.Tensor,
-    position_3N: torch.Tensor, cache: Cache,
+    position_RN: torch.Tensor, cache: Cache,
 ) -> torch.Tensor:
-    """Feed one token per row at its M-RoPE position; next-token logits [N, V]."""
+    """Feed one token per row at its position (R rows); next-token logits [N, V]."""
     out = family.core(model)(
         input_ids=tokens_N[:, None],
         attention_mask=attention_mask_NT,
-        position_ids=position_3N[:, :, None],
+        position_ids=family.model_positions(position_RN[:, :, None]),
         cache=cache,
         use_cache=True,
     )
@@ -160,9 +162,9 @@ def sample_with_shared_prefix(
     """
     G = settings.num_generations
     start = prefill(model, family, prompts, encoded)
-    start.cache.batch_repeat_interleave(G)
+    family.repeat_cache(start.cache, G)
     logits = start.logits_PV.repeat_interleave(G, dim=0)
-    position = start.next_position_3P.repeat_interleave(G, dim=1)
+    position = start.next_position_RP.repeat_interleave(G, dim=1)
     attention_mask = prompts.attention_mask_PT.repeat_interleave(G, dim=0)
     processors = logits_processors(settings, logits.device)
     generators = prompt_generators(settings, prompts.num_prompts, logits.device)

@@ -174,10 +174,12 @@ def prompt_lengths(rows: list[dict[str, Any]], processor, budget: PixelBudget, c
     return lengths
 
 
-def tokenize_targets(processor, texts: list[str], *, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Assistant targets + end-of-turn token, right-padded: (ids, mask, truncated)."""
+def tokenize_targets(processor, texts: list[str], *, max_tokens: int | None = None,
+                     end_of_turn: str = "<|im_end|>") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assistant targets + end-of-turn token (the family's: ``policy.family.end_of_turn``;
+    ``<|im_end|>`` for every family so far), right-padded: (ids, mask, truncated)."""
     tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = tok.convert_tokens_to_ids(end_of_turn)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
     truncated = [max_tokens is not None and len(s) > max_tokens for s in seqs]
     if max_tokens is not None:
