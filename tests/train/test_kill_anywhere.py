@@ -1,0 +1,217 @@
+"""Kill anywhere: a tiny GRPO run (the real ``vlreason train grpo`` command, in a child
+process) is killed with SIGKILL three times in one run -- during a rollout, during the
+update, and in the middle of a checkpoint write (torch's DCP writer half-way through the
+``state/`` folder), in a random order at random calls -- and each time restarted with
+``resume=auto``. Every restart finds a complete checkpoint (never a
+half-written one), and the run ends with the same weights and the same metrics lines (no
+duplicates, no gaps) as an uninterrupted run.
+
+Each run is a child forked from a zygote that has done the imports (see ZYGOTE). In the
+child one function of the run (the policy's sampler, the gradient clipping before the
+optimizer step, torch's DCP file writer, ...) is wrapped to send the process SIGKILL on
+its N-th call, or a random few milliseconds into it; which points, N and the delays are
+drawn from a seed that is printed (set ``VLREASON_KILL_SEED`` to replay one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlreason.train.checkpoint import is_complete, list_checkpoints, resolve_resume
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 4
+ARGS = [f"max_steps={MAX_STEPS}", "save_steps=1", "keep_last=2", "rollout.num_generations=4",
+        "rollout.max_new_tokens=24", "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1",
+        "algorithm.reward=format", "optim.lr=1e-3", "heldout_eval=false", "progress=false",
+        "trackers=[jsonl]"]
+
+# A zygote: imports vlreason, the GRPO recipe, torch's DCP writer and the tiny model's
+# transformers modules once (tens of seconds on a loaded 2-core machine), runs no torch
+# computation itself, and forks one child per run, so that each restart costs the run and
+# not the imports. It reads one JSON job per line from stdin -- {"argv", "kill", "log"},
+# kill = [point, count, delay_ms] or null -- and answers {"exit": code} (-9: SIGKILL).
+ZYGOTE = r"""
+import json, os, signal, sys, threading, traceback
+
+import torch
+import torch.distributed.checkpoint.filesystem
+import transformers
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2_5_vl
+import vlreason.cli, vlreason.registry, vlreason.rollout.policy, vlreason.train.checkpoint
+import vlreason.train.loop, vlreason.train.metrics
+vlreason.registry.recipe_class("grpo")
+
+
+def die(point, marker):
+    with open(marker, "a") as f:
+        f.write(point + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap(owner, name, when, point, count, delay, marker):
+    real = getattr(owner, name)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        hit = calls[0] == count
+        if hit and when == "before":
+            die(point, marker)
+        if hit and when == "during":
+            threading.Timer(delay, die, (point, marker)).start()
+        out = real(*args, **kwargs)
+        if hit and when == "after":
+            die(point, marker)
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+TARGETS = {
+    # a random few ms into the N-th sampling call
+    "rollout": (vlreason.rollout.policy.Policy, "sample", "during"),
+    # gradients computed, the optimizer step not yet taken
+    "update": (vlreason.train.loop, "grad_norm_and_clip", "before"),
+    # inside torch's DCP writer: the state/ folder half written
+    "checkpoint-write": (torch.distributed.checkpoint.filesystem, "_write_item", "before"),
+    # the step's metrics line is written, its checkpoint is not
+    "after-metrics": (vlreason.train.metrics.MetricsLogger, "log", "after"),
+    # step-N renamed into place, `latest` not yet updated
+    "after-publish": (vlreason.train.checkpoint, "_publish", "after"),
+    # published and named by `latest`, old checkpoints not yet pruned
+    "before-prune": (vlreason.train.checkpoint, "_prune", "before"),
+}
+
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            if job["kill"]:
+                point, count, delay_ms = job["kill"]
+                owner, name, when = TARGETS[point]
+                wrap(owner, name, when, point, count, delay_ms / 1000, job["marker"])
+            code = vlreason.cli.main(job["argv"])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class Zygote:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def run(self, argv: list[str], kill, log: Path, marker: Path) -> int:
+        job = {"argv": argv, "kill": kill, "log": str(log), "marker": str(marker)}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer, f"the zygote died (exit {self.proc.wait()})"
+        return json.loads(answer)["exit"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# (point, range of N): a life gains at most one step, so every kill lands. The points
+# after the step's metrics line, after the rename into place and before pruning are
+# there for replaying by hand (VLREASON_KILL_POINTS=after-publish,update,...).
+POINTS = {"rollout": (1, 2), "update": (1, 2), "checkpoint-write": (1, 40),
+          "after-metrics": (1, 2), "after-publish": (1, 2), "before-prune": (1, 1)}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _schedule(rng: random.Random) -> list[tuple[str, int, int]]:
+    """Rollout, update and checkpoint write, each once, shuffled, at random calls."""
+    points = os.environ.get("VLREASON_KILL_POINTS", "rollout,update,checkpoint-write").split(",")
+    rng.shuffle(points)
+    return [(p, rng.randint(*POINTS[p]), rng.randint(0, 60)) for p in points]
+
+
+def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
+    seed = int(os.environ.get("VLREASON_KILL_SEED", random.randrange(2**31)))
+    schedule = _schedule(random.Random(seed))
+    about = f"VLREASON_KILL_SEED={seed} schedule={schedule}"
+    print(about)
+    zygote = Zygote()
+    try:
+        straight = tmp_path / "straight"
+        log = tmp_path / "straight.log"
+        code = zygote.run(["train", "grpo", f"output_dir={straight}", *ARGS], None, log, tmp_path / "none")
+        assert code == 0, log.read_text()[-3000:]
+
+        run = tmp_path / "killed"
+        marker, log = tmp_path / "kills.txt", tmp_path / "killed.log"
+        kills, history = [], []
+        for life, (point, count, delay) in enumerate([*schedule, (None, 0, 0)]):
+            resume = ["resume=auto"] if life else []
+            started = time.time()
+            kill = None if point is None else [point, count, delay]
+            code = zygote.run(["train", "grpo", f"output_dir={run}", *resume, *ARGS], kill, log, marker)
+            history.append((point, count, delay, code, round(time.time() - started, 1)))
+            if code == 0:
+                break  # the run finished before this life's kill point
+            assert code == -signal.SIGKILL, f"{about}\n{history}\n{log.read_text()[-3000:]}"
+            kills.append(point)
+            # the restart's starting point: a complete checkpoint, the newest one on disk
+            found = resolve_resume(run, "auto")
+            complete = list_checkpoints(run)
+            if found is not None:
+                assert is_complete(found) and ".tmp-" not in found.name, (about, found)
+                assert found == complete[-1] or point == "after-publish", (about, found, complete)
+    finally:
+        zygote.close()
+    print(history)
+    assert marker.read_text().split() == kills, about
+    assert kills == [p for p, *_ in schedule], f"not every kill landed: {history} ({about})"
+    assert history[-1][3] == 0, f"the last life did not finish: {history} ({about})"
+
+    # the same final weights as the uninterrupted run ...
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    from vlreason.paths import warm_model
+
+    start = load_file(str(warm_model() / "model.safetensors"))
+    assert any(not torch.equal(a[n], start[n]) for n in a), "training did not move the weights"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=f"{name} ({about})")
+    # ... and the same metrics lines, each step once
+    ma, mb = _metrics(straight), _metrics(run)
+    assert [r["step"] for r in mb] == list(range(1, MAX_STEPS + 1)), f"gaps or duplicates ({about})"
+    for ra, rb in zip(ma, mb):
+        assert ra["reward"] == rb["reward"] and ra["completion_len"] == rb["completion_len"], (ra, rb, about)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7), (ra, rb, about)
+    # retention held and the killed saves left nothing behind
+    root = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{MAX_STEPS - 1}", f"step-{MAX_STEPS}"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", f"step-{MAX_STEPS - 1}", f"step-{MAX_STEPS}"]
