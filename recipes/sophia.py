@@ -131,6 +131,14 @@ class SophiaConfig:
     reward: str = doc("accuracy (the <answer> block matches the answer) | hard (strict "
                       "<think></think><answer></answer> format and correct).", "accuracy")
     threshold: float = doc("Keep solutions only of captions whose reward R(c) is strictly above this.", 0.75)
+    rounds: int = doc("0: chunked (each step collects prompts_per_step rows and updates on them at once). "
+                      "> 0: the paper's rounds: each round first collects rows_per_round rows with the "
+                      "VLM frozen (no update until the round is collected), writes them as a dataset "
+                      "(<output_dir>/rounds/round-NNN: kept/ canonical dataset with `solution`, "
+                      "collected.jsonl, summary.json), then trains steps_per_round steps on its kept rows; "
+                      "max_steps = rounds x steps_per_round. A round on disk is reused, not collected again.", 0)
+    steps_per_round: int = doc("rounds > 0: optimizer steps per round, each on prompts_per_step kept rows "
+                               "(cycling over them in a seeded order).", 4)
     max_target_tokens: int = doc("Longest kept solution, in VLM tokens with the end-of-turn token; a "
                                  "longer one is rejected, never cut (sophia/kept_too_long). Keep it above "
                                  "solution_max_new_tokens for long reasoners.", 512)
@@ -139,8 +147,10 @@ class SophiaConfig:
         if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
             raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
                              "num_solutions must be >= 1")
-        if self.rows_per_round < 0:
-            raise ValueError("sophia.rows_per_round must be >= 0")
+        if self.rows_per_round < 0 or self.rounds < 0 or self.steps_per_round < 1:
+            raise ValueError("sophia.rows_per_round and rounds must be >= 0, steps_per_round >= 1")
+        if self.rounds > 0 and self.rows_per_round < 1:
+            raise ValueError("sophia.rounds > 0 needs sophia.rows_per_round >= 1 (rows collected per round)")
         if self.reward not in REWARDS:
             raise ValueError(f"sophia.reward must be one of {list(REWARDS)}, got '{self.reward}'")
         if not 0.0 <= self.threshold < 1.0:
@@ -169,7 +179,9 @@ class SophiaRecipeConfig(LoopConfig):
                                metadata={"help": "Optimizer and schedule."})
 
     def validate(self) -> None:
-        if self.sophia.rows_per_round > 0:
+        if self.sophia.rounds > 0:
+            self.max_steps = self.sophia.rounds * self.sophia.steps_per_round
+        elif self.sophia.rows_per_round > 0:
             self.max_steps = math.ceil(self.sophia.rows_per_round / self.sophia.prompts_per_step)
 
 
@@ -244,6 +256,9 @@ class SophiaRecipe(Recipe):
         self.skipped_rows = 0
         self.kept_rows_total = 0
         self.reasoner_failed_total = 0
+        self.round_cache: tuple[int, list[dict[str, Any]]] | None = None
+        if cfg.sophia.rounds > 0 and world()[1] > 1:
+            raise ValueError("sophia.rounds > 0 runs on one process for now (use rounds=0 with several)")
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def cleanup(self) -> None:
@@ -289,7 +304,8 @@ class SophiaRecipe(Recipe):
         finally:
             self.model.train(was_training)
         K = s.num_captions
-        return [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
+        self.last_captions = [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
+        return self.last_captions
 
     def reasoner_counts(self) -> dict[str, int]:
         """The reasoner's running counts: cache hits / misses and calls (the cache), HTTP
@@ -364,13 +380,106 @@ class SophiaRecipe(Recipe):
         self.reasoner_failed_total += sum(failed)
         return rows, selections, metrics
 
+    # ---- rounds (the paper's collect-then-train) -----------------------------------------
+    def round_dir(self, r: int) -> Path:
+        return Path(self.cfg.output_dir) / "rounds" / f"round-{r:03d}"
+
+    def collect_round(self, r: int, timer: StepTimer) -> Path:
+        """Collect round ``r`` with the VLM as it is now (nothing is updated until the round
+        is on disk) and write it: ``kept/`` (a canonical dataset: the kept rows with
+        ``solution``), ``collected.jsonl`` (every row: captions, caption rewards, the kept
+        solution or why none) and ``summary.json``. Written to a temporary directory and
+        renamed, so a round on disk is complete."""
+        import json
+        import shutil
+
+        from vlreason.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, save_canonical
+
+        s = self.cfg.sophia
+        out = self.round_dir(r)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        chunks = math.ceil(s.rows_per_round / s.prompts_per_step)
+        before = self.reasoner_counts()
+        records, kept, sums = [], [], {}
+        hist = [0] * 10
+        for c in range(chunks):
+            rows, selections, metrics = self.collect(1_000_000 * (r + 1) + c, timer)
+            for key in ("sophia/kept_malformed", "sophia/kept_too_long", "sophia/reasoner_failed"):
+                sums[key] = sums.get(key, 0) + metrics.get(key, 0)
+            for row, sel, caps in zip(rows, selections, self.last_captions):
+                for cr in sel.caption_rewards:
+                    hist[min(int(cr * 10), 9)] += 1
+                records.append({"id": row["id"], "question": row["question"], "answer": row["answer"],
+                                "captions": caps, "caption_rewards": sel.caption_rewards, "kept": sel.kept,
+                                "kept_caption": sel.kept_caption, "rejected": sel.rejected})
+                if sel.kept is not None:
+                    meta = {"sophia_round": r, "caption": caps[sel.kept_caption],
+                            "caption_reward": sel.caption_rewards[sel.kept_caption]}
+                    kept.append({**{k: row.get(k) for k in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}, "solution": sel.kept,
+                                 "meta": json.dumps(meta, sort_keys=True)})
+        after = self.reasoner_counts()
+        summary = {"round": r, "rows": len(records), "kept_rows": len(kept),
+                   "kept_frac": len(kept) / max(len(records), 1),
+                   "caption_reward_hist": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(hist)},
+                   "kept_malformed": sums.get("sophia/kept_malformed", 0),
+                   "kept_too_long": sums.get("sophia/kept_too_long", 0),
+                   "reasoner_failed": sums.get("sophia/reasoner_failed", 0),
+                   "reasoner": {k.removeprefix("reasoner/"): after[k] - before.get(k, 0) for k in after}}
+        with open(tmp / "collected.jsonl", "w") as f:
+            f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        if kept:
+            save_canonical(kept, tmp / "kept")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log.info("SOPHIA round %d collected: %d of %d rows kept -> %s", r, len(kept), len(records), out)
+        return out
+
+    def round_rows(self, r: int, timer: StepTimer) -> list[dict[str, Any]]:
+        """Round ``r``'s kept rows in a seeded order (collected first when not on disk)."""
+        if self.round_cache is not None and self.round_cache[0] == r:
+            return self.round_cache[1]
+        out = self.round_dir(r)
+        if not (out / "summary.json").is_file():
+            with timer("collect_round"):
+                self.collect_round(r, timer)
+        rows: list[dict[str, Any]] = []
+        if (out / "kept").is_dir():
+            from vlreason.data.schema import load_canonical
+
+            rows = [dict(x) for x in load_canonical(out / "kept")]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(hash_seed(self.cfg.seed, r, 0)))
+        self.round_cache = (r, [rows[i] for i in order.tolist()])
+        return self.round_cache[1]
+
+    def round_batch(self, step: int, timer: StepTimer) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+        s = self.cfg.sophia
+        r, k = divmod(step, s.steps_per_round)
+        rows = self.round_rows(r, timer)
+        batch = [rows[(k * s.prompts_per_step + i) % len(rows)] for i in range(s.prompts_per_step)] if rows else []
+        metrics: dict[str, Any] = {"sophia/round": r, "sophia/round_kept_rows": len(rows)}
+        if k == 0:
+            import json
+
+            self.kept_rows_total += len(rows)
+            summary = json.loads((self.round_dir(r) / "summary.json").read_text())
+            metrics.update({"sophia/round_rows": summary["rows"], "sophia/round_kept_frac": summary["kept_frac"],
+                            **{f"reasoner/round_{key}": v for key, v in summary["reasoner"].items()}})
+        return batch, [row["solution"] for row in batch], metrics
+
     # ---- the loop's recipe interface -----------------------------------------------------
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch | None], dict[str, Any]]:
         s = self.cfg.sophia
-        rows, selections, metrics = self.collect(step, timer)
-        kept_rows = [r for r, sel in zip(rows, selections) if sel.kept is not None]
-        kept_texts = [sel.kept for sel in selections if sel.kept is not None]
-        self.kept_rows_total += int(global_sum(len(kept_rows)))
+        if s.rounds > 0:
+            kept_rows, kept_texts, metrics = self.round_batch(step, timer)
+            rows = kept_rows
+        else:
+            rows, selections, metrics = self.collect(step, timer)
+            kept_rows = [r for r, sel in zip(rows, selections) if sel.kept is not None]
+            kept_texts = [sel.kept for sel in selections if sel.kept is not None]
+            self.kept_rows_total += int(global_sum(len(kept_rows)))
         micro: list[RolloutBatch | None] = []
         with timer("targets"):
             for i in range(0, len(kept_rows), s.micro_batch_prompts):
