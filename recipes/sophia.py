@@ -139,6 +139,10 @@ class SophiaConfig:
                       "max_steps = rounds x steps_per_round. A round on disk is reused, not collected again.", 0)
     steps_per_round: int = doc("rounds > 0: optimizer steps per round, each on prompts_per_step kept rows "
                                "(cycling over them in a seeded order).", 4)
+    difficulty_key: str = doc("With reasoner_hard: the row field, or else the key of the row's JSON "
+                              "`meta`, that holds its difficulty.", "difficulty")
+    hard_values: list[str] = doc("With reasoner_hard: difficulty values routed to it (compared as "
+                                 "lower-case strings); other rows go to `reasoner`.", ["hard"])
     max_target_tokens: int = doc("Longest kept solution, in VLM tokens with the end-of-turn token; a "
                                  "longer one is rejected, never cut (sophia/kept_too_long). Keep it above "
                                  "solution_max_new_tokens for long reasoners.", 512)
@@ -162,6 +166,17 @@ class SophiaConfig:
 
 
 @dataclass
+class HardReasonerConfig(ReasonerConfig):
+    kind: str = doc("Empty: no routing, every row goes to `reasoner`. Otherwise the reasoner for rows "
+                    "whose difficulty is in sophia.hard_values (paper: DeepSeek-R1 for hard, QwQ-32B for "
+                    "easy); same keys as `reasoner`.", "")
+
+    def validate(self) -> None:
+        if self.kind:
+            super().validate()
+
+
+@dataclass
 class SophiaRecipeConfig(LoopConfig):
     output_dir: str = doc("Run directory.", "runs/sophia")
     max_steps: int = doc("Optimizer steps (one round; see sophia.rows_per_round).", 4)
@@ -175,6 +190,9 @@ class SophiaRecipeConfig(LoopConfig):
     )
     sophia: SophiaConfig = field(default_factory=SophiaConfig, metadata={"help": "Captions, reasoning, selection."})
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig, metadata={"help": "The external text reasoner."})
+    reasoner_hard: HardReasonerConfig = field(
+        default_factory=HardReasonerConfig,
+        metadata={"help": "Optional second reasoner for hard rows (easy/hard routing by sophia.difficulty_key)."})
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4),
                                metadata={"help": "Optimizer and schedule."})
 
@@ -245,6 +263,10 @@ class SophiaRecipe(Recipe):
         self.model = self.policy.model
         self.reasoner: Reasoner = with_cache(build_reasoner(cfg.reasoner), cfg.reasoner, cfg.output_dir,
                                              rank=world()[0])
+        self.reasoner_hard: Reasoner | None = None
+        if cfg.reasoner_hard.kind:  # its own cache directory: <output_dir>/reasoner_hard/reasoner_cache
+            self.reasoner_hard = with_cache(build_reasoner(cfg.reasoner_hard), cfg.reasoner_hard,
+                                            Path(cfg.output_dir) / "reasoner_hard", rank=world()[0])
         if cfg.sophia.max_target_tokens <= cfg.sophia.solution_max_new_tokens:
             log.warning("sophia.max_target_tokens=%d <= sophia.solution_max_new_tokens=%d: kept solutions "
                         "longer than %d VLM tokens are rejected (sophia/kept_too_long), not trained on; "
@@ -307,6 +329,41 @@ class SophiaRecipe(Recipe):
         self.last_captions = [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
         return self.last_captions
 
+    def is_hard(self, row: dict[str, Any]) -> bool:
+        """Easy/hard routing: the row's difficulty (a field, else a key of its JSON meta) is
+        one of sophia.hard_values; always False without reasoner_hard."""
+        if self.reasoner_hard is None:
+            return False
+        import json
+
+        key = self.cfg.sophia.difficulty_key
+        value = row.get(key)
+        if value in (None, ""):
+            try:
+                meta = json.loads(row.get("meta") or "{}")
+            except (TypeError, ValueError):
+                meta = {}
+            value = meta.get(key) if isinstance(meta, dict) else None
+        return str(value).strip().lower() in {v.lower() for v in self.cfg.sophia.hard_values}
+
+    def route_solve(self, prompts: list[str], hard: list[bool], seed: int) -> list[list[str]]:
+        """Solutions for each prompt from `reasoner`, or from `reasoner_hard` where ``hard``;
+        in prompt order."""
+        s = self.cfg.sophia
+        out: list[list[str] | None] = [None] * len(prompts)
+        for reasoner, want in ((self.reasoner, False), (self.reasoner_hard, True)):
+            idx = [i for i, h in enumerate(hard) if h == want]
+            if not idx or reasoner is None:
+                continue
+            got = reasoner.solve([prompts[i] for i in idx], s.num_solutions, s.solution_max_new_tokens,
+                                 s.solution_temperature, seed)
+            if len(got) != len(idx):
+                raise RuntimeError(f"the reasoner returned {len(got)} answers for {len(idx)} prompts")
+            for i, sols in zip(idx, got):
+                out[i] = sols
+        self.last_hard = sum(hard)
+        return out  # type: ignore[return-value]
+
     def reasoner_counts(self) -> dict[str, int]:
         """The reasoner's running counts: cache hits / misses and calls (the cache), HTTP
         requests, retries and reported tokens (an OpenAI-compatible server)."""
@@ -335,9 +392,9 @@ class SophiaRecipe(Recipe):
             captions = self.captions(rows, seed)
         prompts = [self.solution_prompt(row, c) for row, caps in zip(rows, captions) for c in caps]
         before = self.reasoner_counts()
+        hard = [self.is_hard(row) for row in rows for _ in range(s.num_captions)]
         with timer("reasoner"):
-            flat = self.reasoner.solve(prompts, s.num_solutions, s.solution_max_new_tokens,
-                                       s.solution_temperature, seed)
+            flat = self.route_solve(prompts, hard, seed)
         # an empty list: the reasoner failed on that prompt (counted, never filled in)
         if len(flat) != len(prompts) or any(len(x) not in (0, s.num_solutions) for x in flat):
             raise RuntimeError(f"the reasoner returned {[len(x) for x in flat]} solutions for {len(prompts)} "
@@ -364,6 +421,7 @@ class SophiaRecipe(Recipe):
         answered = max(len(flat) - sum(failed), 1)
         metrics = {
             "sophia/reasoner_failed": sum(failed),
+            "sophia/hard_prompts": sum(hard),
             "sophia/reasoner_failed_total": self.reasoner_failed_total + sum(failed),
             **{k: after[k] - before.get(k, 0) for k in after},
             # solutions (after normalisation) in the strict <think></think><answer></answer> format

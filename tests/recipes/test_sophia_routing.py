@@ -1,0 +1,69 @@
+"""Easy/hard routing between two reasoners: rows whose difficulty (a row field or a key of
+the row's JSON meta) is in sophia.hard_values go to reasoner_hard, the others to
+reasoner; solutions come back in row order, each reasoner with its own cache."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from recipes.sophia import SophiaRecipe
+from vlreason.config import load_config
+from vlreason.data.schema import canonical_row, save_canonical
+from vlreason.paths import warm_model
+from vlreason.train.metrics import StepTimer
+
+ANSWERS = {"What colour is shape one?": "red", "What colour is shape two?": "blue",
+           "What colour is shape three?": "green"}
+PROMPTS: dict[str, list[str]] = {"easy": [], "hard": []}
+
+
+class Tagged:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def solve(self, prompts, n, max_new_tokens, temperature, seed):
+        PROMPTS[self.tag] += prompts
+        return [[f"<think>{self.tag}</think><answer>{ANSWERS[next(q for q in ANSWERS if q in p)]}</answer>"] * n
+                for p in prompts]
+
+
+def easy(cfg):
+    return Tagged("easy")
+
+
+def hard(cfg):
+    return Tagged("hard")
+
+
+def _png(color: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (84, 84), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
+    metas = [{"difficulty": "Hard"}, {"difficulty": "easy"}, None]
+    rows = [canonical_row(id=f"r{i}", images=[_png(a)], question=q, answer=a, source="test", meta=m)
+            for i, ((q, a), m) in enumerate(zip(ANSWERS.items(), metas))]
+    data = save_canonical(rows, tmp_path / "data")
+    cfg = load_config(SophiaRecipe.config_class, None, [
+        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3",
+        "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
+        "reasoner.kind=python", f"reasoner.path={__name__}:easy",
+        "reasoner_hard.kind=python", f"reasoner_hard.path={__name__}:hard"])
+    cfg.model.name_or_path = str(warm_model())
+    recipe = SophiaRecipe(cfg)
+    recipe.setup()
+    PROMPTS["easy"].clear()
+    PROMPTS["hard"].clear()
+    micro, metrics = recipe.prepare(0, StepTimer())
+    assert len(PROMPTS["hard"]) == 2 and all("shape one" in p for p in PROMPTS["hard"])
+    assert len(PROMPTS["easy"]) == 4 and not any("shape one" in p for p in PROMPTS["easy"])
+    kept = {row["id"]: text for mb in micro for row, text in zip(mb.prompts.rows, mb.texts)}
+    assert kept == {"r0": "<think>hard</think><answer>red</answer>", "r1": "<think>easy</think><answer>blue</answer>",
+                    "r2": "<think>easy</think><answer>green</answer>"}
+    assert metrics["sophia/hard_prompts"] == 2 and metrics["sophia/kept_rows"] == 3
+    assert (tmp_path / "run" / "reasoner_hard" / "reasoner_cache" / "calls-rank0.jsonl").is_file()
+    recipe.cleanup()
