@@ -34,8 +34,9 @@ from vlreason.models.loading import (
     save_dtype as final_dtype,
 )
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
+from vlreason.rollout.engine import RolloutEngine, TransformersEngine
 from vlreason.rollout.forward import TokenOutputs, token_outputs
-from vlreason.rollout.generate import SamplingConfig, generate_completions
+from vlreason.rollout.generate import SamplingConfig
 from vlreason.rollout.prompts import PromptConfig, build_prompt_batch
 from vlreason.views.budget import PixelBudget
 
@@ -62,6 +63,11 @@ class Policy:
     compute_dtype: torch.dtype = torch.float32  # forward/backward dtype (model.dtype)
     save_dtype: torch.dtype = torch.float32  # dtype of final/
     reference_run: Callable[[Callable[[], Any]], Any] | None = None  # runs a reference forward (FSDP2)
+    engine: RolloutEngine | None = None  # what samples; default: the model itself (TransformersEngine)
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            self.engine = TransformersEngine(self.model, self.family, self.processor)
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, rollout: RolloutConfig, *, device=None, with_reference: bool = False) -> Policy:
@@ -82,10 +88,8 @@ class Policy:
         """G completions per prompt; ``sampling`` overrides the run's sampling settings.
         ``seed``: one seed per prompt (its samples then depend on nothing else), or one
         int from which each prompt's seed is derived by its position in ``prompts``."""
-        return generate_completions(
-            self.model, self.family, self.processor, prompts, sampling or self.rollout, seed=seed,
-            num_generations=num_generations, max_new_tokens=max_new_tokens,
-        )
+        return self.engine.sample(prompts, sampling or self.rollout, seed=seed,
+                                  num_generations=num_generations, max_new_tokens=max_new_tokens)
 
     def token_outputs(self, batch: RolloutBatch, **kwargs) -> TokenOutputs:
         return token_outputs(self.model, self.family, batch, chunk_size=self.rollout.logprob_chunk_size, **kwargs)

@@ -319,6 +319,9 @@ class Trainer:
     def train_step(self, timer: StepTimer) -> dict[str, Any]:
         # rollout, rewards, reference: parameters gathered once (FSDP2)
         micro_batches, metrics = self.rollout_pass(lambda: self.recipe.prepare(self.step, timer))
+        rollout_engine = getattr(getattr(self.recipe, "policy", None), "engine", None)
+        if rollout_engine is not None:
+            rollout_engine.sleep()  # its memory is the update's until the next sample
         step_metrics = []
         finite = True
         with timer("update"):
@@ -334,6 +337,8 @@ class Trainer:
             finite = all_agree(finite and math.isfinite(grad_norm))
             if finite:
                 self.optimizer.step()
+                if rollout_engine is not None:
+                    rollout_engine.sync_weights()  # the next rollout samples the updated policy
             else:
                 self.nan_steps += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d so far)",
