@@ -90,6 +90,22 @@ def test_adapter_needs_the_checkpoint_ids_and_holds_no_builders(internvl, rows):
     assert {"qwen3_5", "internvl"} <= set(ADAPTERS)
 
 
+def test_internvl_freezing_and_lora_find_its_vision_modules(internvl):
+    """InternVL's tower is ``vision_tower`` and its projector ``multi_modal_projector``
+    (not Qwen's ``visual`` / ``merger``): freezing and LoRA's exclusion follow the adapter."""
+    from vlreason.models.loading import LoraConfig, load_model
+
+    path = internvl.model.name_or_path
+    frozen, family = load_model(ModelConfig(name_or_path=path, freeze_vision=True))
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert not any(".vision_tower." in f".{n}" for n in trainable)
+    assert any(".multi_modal_projector." in f".{n}" for n in trainable)  # the projector still trains
+    lora, _ = load_model(ModelConfig(name_or_path=path, lora=LoraConfig(enabled=True)))
+    adapted = {n for n, _ in lora.named_parameters() if "lora_" in n}
+    assert adapted and not any(family.is_vision_parameter(n) for n in adapted)
+    assert any(".language_model." in n for n in adapted)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5", "internvl"])
 def test_tiny_checkpoint_through_grpo_step_and_eval(tmp_path, family):
     ok, why = family_available(family)

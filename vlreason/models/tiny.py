@@ -102,7 +102,9 @@ class TinySpec:
     max_pixels: int = 224 * 224
 
     def cache_key(self) -> str:
-        blob = json.dumps({**asdict(self), "builder": BUILDER_VERSION}, sort_keys=True)
+        revision = BUILDERS[self.family].revision if self.family in BUILDERS else 0
+        blob = json.dumps({**asdict(self), "builder": BUILDER_VERSION, **({"family_rev": revision} if revision else {})},
+                          sort_keys=True)
         return f"{self.family}-v{self.vocab_size}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
@@ -216,6 +218,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         config = builder.config(spec, ids)
         torch.manual_seed(spec.seed)
         model = family.model_class()(config)
+        if builder.adjust is not None:
+            builder.adjust(model)
         model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         model.generation_config.do_sample = False

@@ -39,6 +39,8 @@ class TinyBuilder:
     named_tokens: dict[str, str] = field(default_factory=dict)
     image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>"
     video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>"
+    adjust: Callable[[Any], None] | None = None  # in-place change of the random model after init
+    revision: int = 0  # bumped when this family's build changes (part of its cache key when > 0)
 
 
 # ---- Qwen families -------------------------------------------------------------------
@@ -147,6 +149,18 @@ def qwen3_5_config(spec, ids):
     return _qwen_config("Qwen3_5Config", text, vision, ids)
 
 
+def long_memory_delta_net(model) -> None:
+    """Slow the Gated DeltaNet decay (per-token factor ~0.99 instead of random init's
+    up to e^-16), so a tiny model's linear-attention state still depends on the start of
+    the prompt: left padding, image tokens and cache order then show in the tests."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "A_log") and hasattr(module, "dt_bias"):
+                module.A_log.fill_(float(torch.log(torch.tensor(0.01))))
+
+
 def qwen_processor(processor_class: str, video_processor_class: str, patch_size: int):
     def build(tokenizer, spec, chat_template: str):
         grid = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
@@ -198,7 +212,8 @@ BUILDERS: dict[str, TinyBuilder] = {
     "qwen2_5_vl": TinyBuilder(qwen2_5_vl_config,
                               qwen_processor("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", 14)),
     "qwen3_vl": TinyBuilder(qwen3_vl_config, qwen_processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16)),
-    "qwen3_5": TinyBuilder(qwen3_5_config, qwen_processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16)),
+    "qwen3_5": TinyBuilder(qwen3_5_config, qwen_processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16),
+                           adjust=long_memory_delta_net, revision=1),
     "internvl": TinyBuilder(
         internvl_config, internvl_processor,
         vision_tokens=tuple(INTERNVL_NAMED_TOKENS.values()), named_tokens=INTERNVL_NAMED_TOKENS,
