@@ -365,15 +365,17 @@ class SophiaRecipe(Recipe):
         return out  # type: ignore[return-value]
 
     def reasoner_counts(self) -> dict[str, int]:
-        """The reasoner's running counts: cache hits / misses and calls (the cache), HTTP
-        requests, retries and reported tokens (an OpenAI-compatible server)."""
+        """The reasoners' running counts: cache hits / misses and calls (the cache), HTTP
+        requests, retries and reported tokens (an OpenAI-compatible server); ``reasoner/*``
+        for ``reasoner``, ``reasoner_hard/*`` for the hard one when routing."""
         counts: dict[str, int] = {}
-        for source in (self.reasoner, getattr(self.reasoner, "inner", None)):
-            for name in ("cache_stats", "stats"):
-                fn = getattr(type(source), name, None) if source is not None else None
-                if callable(fn):
-                    counts.update({k if k.startswith("reasoner/") else f"reasoner/{k}": int(v)
-                                   for k, v in fn(source).items() if k != "failed_prompts"})
+        for top, prefix in ((self.reasoner, "reasoner/"), (getattr(self, "reasoner_hard", None), "reasoner_hard/")):
+            for source in (top, getattr(top, "inner", None)):
+                for name in ("cache_stats", "stats"):
+                    fn = getattr(type(source), name, None) if source is not None else None
+                    if callable(fn):
+                        counts.update({prefix + k.removeprefix("reasoner/"): int(v)
+                                       for k, v in fn(source).items() if k != "failed_prompts"})
         return counts
 
     def solution_prompt(self, row: dict[str, Any], caption: str) -> str:

@@ -65,5 +65,6 @@ def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
     assert kept == {"r0": "<think>hard</think><answer>red</answer>", "r1": "<think>easy</think><answer>blue</answer>",
                     "r2": "<think>easy</think><answer>green</answer>"}
     assert metrics["sophia/hard_prompts"] == 2 and metrics["sophia/kept_rows"] == 3
+    assert (metrics["reasoner/cache_misses"], metrics["reasoner_hard/cache_misses"]) == (4, 2)
     assert (tmp_path / "run" / "reasoner_hard" / "reasoner_cache" / "calls-rank0.jsonl").is_file()
     recipe.cleanup()
