@@ -149,3 +149,13 @@ def test_qwen35_repeat_cache_repeats_linear_attention_states_prompt_major():
     assert linear.recurrent_states[0][:, 0, 0, 0].tolist() == [10 + p for p in prompt_of_row]
     assert full.keys[:, 0, 0, 0].tolist() == [20 + p for p in prompt_of_row]
     assert full.values[:, 0, 0, 0].tolist() == [120 + p for p in prompt_of_row]
+
+
+def test_qwen_layout_code_refuses_internvl_prompts_clearly(internvl, rows):
+    """Code written for Qwen's patch layout (DVRP's noised view) fails with a message, not
+    an AttributeError deep inside, when handed InternVL's tiles."""
+    from vlreason.rollout.forward import pixel_rows
+
+    prompts = internvl.prompts(rows)
+    with pytest.raises(ValueError, match="not in the Qwen patch layout"):
+        pixel_rows(prompts.image_grid_thw)

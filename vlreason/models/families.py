@@ -203,6 +203,10 @@ class QwenVLFamily(Family):
 
 def qwen_pixel_rows(image_grid_thw: torch.Tensor) -> list[int]:
     """Rows of Qwen's patch-flattened ``pixel_values`` each image occupies (t x h x w)."""
+    if image_grid_thw is None:
+        raise ValueError("these prompts have no image_grid_thw: their pixel_values are not in the Qwen "
+                         "patch layout (InternVL: one row per tile); the family's pixel_rows(prompts) knows "
+                         "the layout, and Qwen-layout code (DVRP's noised view) does not support this family")
     return image_grid_thw.prod(-1).tolist()
 
 
