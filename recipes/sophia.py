@@ -131,6 +131,12 @@ class SophiaConfig:
     reward: str = doc("accuracy (the <answer> block matches the answer) | hard (strict "
                       "<think></think><answer></answer> format and correct).", "accuracy")
     threshold: float = doc("Keep solutions only of captions whose reward R(c) is strictly above this.", 0.75)
+    warmup_steps: int = doc("Warm-up SFT steps before SOPHIA (the paper warms the VLM up on solutions "
+                            "first): each trains on prompts_per_step rows of warmup_data with their `solution` "
+                            "as target, the same NLL update as a kept solution; counted in max_steps (rounds / "
+                            "rows_per_round add them). 0: no warm-up.", 0)
+    warmup_data: str = doc("Warm-up rows (a canonical dataset; rows without `solution` are skipped); "
+                           "empty: data.train.", "")
     rounds: int = doc("0: chunked (each step collects prompts_per_step rows and updates on them at once). "
                       "> 0: the paper's rounds: each round first collects rows_per_round rows with the "
                       "VLM frozen (no update until the round is collected), writes them as a dataset "
@@ -151,6 +157,8 @@ class SophiaConfig:
         if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
             raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
                              "num_solutions must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError("sophia.warmup_steps must be >= 0")
         if self.rows_per_round < 0 or self.rounds < 0 or self.steps_per_round < 1:
             raise ValueError("sophia.rows_per_round and rounds must be >= 0, steps_per_round >= 1")
         if self.rounds > 0 and self.rows_per_round < 1:
@@ -197,10 +205,13 @@ class SophiaRecipeConfig(LoopConfig):
                                metadata={"help": "Optimizer and schedule."})
 
     def validate(self) -> None:
-        if self.sophia.rounds > 0:
-            self.max_steps = self.sophia.rounds * self.sophia.steps_per_round
-        elif self.sophia.rows_per_round > 0:
-            self.max_steps = math.ceil(self.sophia.rows_per_round / self.sophia.prompts_per_step)
+        s = self.sophia
+        if s.rounds > 0:
+            self.max_steps = s.warmup_steps + s.rounds * s.steps_per_round
+        elif s.rows_per_round > 0:
+            self.max_steps = s.warmup_steps + math.ceil(s.rows_per_round / s.prompts_per_step)
+        if s.warmup_steps >= self.max_steps:
+            raise ValueError(f"sophia.warmup_steps={s.warmup_steps} leaves no SOPHIA step of max_steps={self.max_steps}")
 
 
 def format_choices(choices: list[str] | None) -> str:
@@ -275,6 +286,13 @@ class SophiaRecipe(Recipe):
                         cfg.sophia.max_target_tokens - 1)
         self.reward_fn = REWARDS[cfg.sophia.reward]
         self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
+        self.warmup_stream: RowStream | None = None
+        if cfg.sophia.warmup_steps > 0:
+            warm = load_split(cfg.sophia.warmup_data or cfg.data.train, "train")
+            warm = warm.filter(lambda row: bool(row["solution"]))
+            if len(warm) == 0:
+                raise ValueError("sophia.warmup_steps > 0 but the warm-up data has no row with a `solution`")
+            self.warmup_stream = RowStream(warm, seed=cfg.seed + 1, name="warmup")
         self.skipped_rows = 0
         self.kept_rows_total = 0
         self.reasoner_failed_total = 0
@@ -532,11 +550,17 @@ class SophiaRecipe(Recipe):
     # ---- the loop's recipe interface -----------------------------------------------------
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch | None], dict[str, Any]]:
         s = self.cfg.sophia
-        if s.rounds > 0:
-            kept_rows, kept_texts, metrics = self.round_batch(step, timer)
+        if step < s.warmup_steps:  # warm-up SFT: the rows' own solutions, same update
+            rows = shard(self.warmup_stream.next_rows(s.prompts_per_step), *world())
+            tok = self.policy.processor.tokenizer
+            fits = [r for r in rows if len(tok(r["solution"], add_special_tokens=False)["input_ids"]) < s.max_target_tokens]
+            kept_rows, kept_texts = fits, [r["solution"] for r in fits]
+            metrics = {"sophia/warmup": 1, "sophia/warmup_too_long": len(rows) - len(fits)}
+        elif s.rounds > 0:
+            kept_rows, kept_texts, metrics = self.round_batch(step - s.warmup_steps, timer)
             rows = kept_rows
         else:
-            rows, selections, metrics = self.collect(step, timer)
+            rows, selections, metrics = self.collect(step - s.warmup_steps, timer)
             kept_rows = [r for r, sel in zip(rows, selections) if sel.kept is not None]
             kept_texts = [sel.kept for sel in selections if sel.kept is not None]
             self.kept_rows_total += int(global_sum(len(kept_rows)))
@@ -576,8 +600,11 @@ class SophiaRecipe(Recipe):
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.stream.state_dict(), "skipped_rows": self.skipped_rows,
-                "kept_rows_total": self.kept_rows_total, "reasoner_failed_total": self.reasoner_failed_total}
+        state = {"data": self.stream.state_dict(), "skipped_rows": self.skipped_rows,
+                 "kept_rows_total": self.kept_rows_total, "reasoner_failed_total": self.reasoner_failed_total}
+        if self.warmup_stream is not None:
+            state["warmup_data"] = self.warmup_stream.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "data" in state:
@@ -585,6 +612,8 @@ class SophiaRecipe(Recipe):
         self.skipped_rows = state.get("skipped_rows", 0)
         self.kept_rows_total = state.get("kept_rows_total", 0)
         self.reasoner_failed_total = state.get("reasoner_failed_total", 0)
+        if self.warmup_stream is not None and "warmup_data" in state:
+            self.warmup_stream.load_state_dict(state["warmup_data"])
 
 
 if __name__ == "__main__":
