@@ -4,7 +4,8 @@ update, and in the middle of a checkpoint write (torch's DCP writer half-way thr
 ``state/`` folder), in a random order at random calls -- and each time restarted with
 ``resume=auto``. Every restart finds a complete checkpoint (never a
 half-written one), and the run ends with the same weights and the same metrics lines (no
-duplicates, no gaps) as an uninterrupted run.
+duplicates, no gaps) as an uninterrupted run. The same on two processes with FSDP2
+(sharded checkpoints), killed twice (update, DCP write), each time in a random process.
 
 Each run is a child forked from a zygote that has done the imports (see ZYGOTE). In the
 child one function of the run (the policy's sampler, the gradient clipping before the
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,29 +98,56 @@ TARGETS = {
     "before-prune": (vlreason.train.checkpoint, "_prune", "before"),
 }
 
+def child(job, rank, world):
+    code = 1
+    try:
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        if world > 1:  # what torchrun sets
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
+        if job["kill"] and rank == job.get("kill_rank", 0):
+            point, count, delay_ms = job["kill"]
+            owner, name, when = TARGETS[point]
+            wrap(owner, name, when, point, count, delay_ms / 1000, job["marker"])
+        code = vlreason.cli.main(job["argv"])
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 for line in sys.stdin:
     job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            if job["kill"]:
-                point, count, delay_ms = job["kill"]
-                owner, name, when = TARGETS[point]
-                wrap(owner, name, when, point, count, delay_ms / 1000, job["marker"])
-            code = vlreason.cli.main(job["argv"])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+    world = job.get("world", 1)
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            child(job, rank, world)
+        pids.append(pid)
+    codes = {}
+    while len(codes) < world:
+        pid, status = os.waitpid(-1, 0)
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0:  # as torchrun does: one process failed, the rest of the group goes
+            for other in pids:
+                if other not in codes:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    print(json.dumps({"exit": [codes[pid] for pid in pids]}), flush=True)
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Zygote:
@@ -126,8 +155,10 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    def run(self, argv: list[str], kill, log: Path, marker: Path) -> int:
-        job = {"argv": argv, "kill": kill, "log": str(log), "marker": str(marker)}
+    def run(self, argv: list[str], kill, log: Path, marker: Path, world: int = 1, kill_rank: int = 0) -> list[int]:
+        """Exit codes of the ``world`` processes of one run (-9: SIGKILL)."""
+        job = {"argv": argv, "kill": kill, "log": str(log), "marker": str(marker), "world": world,
+               "port": _free_port(), "kill_rank": kill_rank}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -150,24 +181,27 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _schedule(rng: random.Random) -> list[tuple[str, int, int]]:
-    """Rollout, update and checkpoint write, each once, shuffled, at random calls."""
-    points = os.environ.get("VLREASON_KILL_POINTS", "rollout,update,checkpoint-write").split(",")
+def _schedule(rng: random.Random, points: str) -> list[tuple[str, int, int]]:
+    """Each of ``points`` once, shuffled, at random calls."""
+    points = os.environ.get("VLREASON_KILL_POINTS", points).split(",")
     rng.shuffle(points)
     return [(p, rng.randint(*POINTS[p]), rng.randint(0, 60)) for p in points]
 
 
-def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
+def _kill_and_resume(tmp_path: Path, args: list[str], max_steps: int, points: str, world: int = 1) -> Path:
+    """The uninterrupted run, then the killed and resumed one; compare them."""
     seed = int(os.environ.get("VLREASON_KILL_SEED", random.randrange(2**31)))
-    schedule = _schedule(random.Random(seed))
-    about = f"VLREASON_KILL_SEED={seed} schedule={schedule}"
+    rng = random.Random(seed)
+    schedule = _schedule(rng, points)
+    ranks = [rng.randrange(world) for _ in schedule]  # the process each kill lands in
+    about = f"VLREASON_KILL_SEED={seed} schedule={schedule} ranks={ranks}"
     print(about)
     zygote = Zygote()
     try:
         straight = tmp_path / "straight"
         log = tmp_path / "straight.log"
-        code = zygote.run(["train", "grpo", f"output_dir={straight}", *ARGS], None, log, tmp_path / "none")
-        assert code == 0, log.read_text()[-3000:]
+        codes = zygote.run(["train", "grpo", f"output_dir={straight}", *args], None, log, tmp_path / "none", world)
+        assert codes == [0] * world, log.read_text()[-3000:]
 
         run = tmp_path / "killed"
         marker, log = tmp_path / "kills.txt", tmp_path / "killed.log"
@@ -176,11 +210,12 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
             resume = ["resume=auto"] if life else []
             started = time.time()
             kill = None if point is None else [point, count, delay]
-            code = zygote.run(["train", "grpo", f"output_dir={run}", *resume, *ARGS], kill, log, marker)
-            history.append((point, count, delay, code, round(time.time() - started, 1)))
-            if code == 0:
+            rank = ranks[life] if point is not None else 0
+            codes = zygote.run(["train", "grpo", f"output_dir={run}", *resume, *args], kill, log, marker, world, rank)
+            history.append((point, count, delay, rank, codes, round(time.time() - started, 1)))
+            if codes == [0] * world:
                 break  # the run finished before this life's kill point
-            assert code == -signal.SIGKILL, f"{about}\n{history}\n{log.read_text()[-3000:]}"
+            assert codes[rank] == -signal.SIGKILL, f"{about}\n{history}\n{log.read_text()[-3000:]}"
             kills.append(point)
             # the restart's starting point: a complete checkpoint, the newest one on disk
             found = resolve_resume(run, "auto")
@@ -193,7 +228,6 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     print(history)
     assert marker.read_text().split() == kills, about
     assert kills == [p for p, *_ in schedule], f"not every kill landed: {history} ({about})"
-    assert history[-1][3] == 0, f"the last life did not finish: {history} ({about})"
 
     # the same final weights as the uninterrupted run ...
     a = load_file(str(straight / "final" / "model.safetensors"))
@@ -207,11 +241,27 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=f"{name} ({about})")
     # ... and the same metrics lines, each step once
     ma, mb = _metrics(straight), _metrics(run)
-    assert [r["step"] for r in mb] == list(range(1, MAX_STEPS + 1)), f"gaps or duplicates ({about})"
+    assert [r["step"] for r in mb] == list(range(1, max_steps + 1)), f"gaps or duplicates ({about})"
     for ra, rb in zip(ma, mb):
         assert ra["reward"] == rb["reward"] and ra["completion_len"] == rb["completion_len"], (ra, rb, about)
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7), (ra, rb, about)
     # retention held and the killed saves left nothing behind
     root = run / "checkpoints"
-    assert [p.name for p in list_checkpoints(run)] == [f"step-{MAX_STEPS - 1}", f"step-{MAX_STEPS}"]
-    assert sorted(p.name for p in root.iterdir()) == ["latest", f"step-{MAX_STEPS - 1}", f"step-{MAX_STEPS}"]
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{max_steps - 1}", f"step-{max_steps}"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", f"step-{max_steps - 1}", f"step-{max_steps}"]
+    return root
+
+
+def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
+    _kill_and_resume(tmp_path, ARGS, MAX_STEPS, "rollout,update,checkpoint-write")
+
+
+def test_sigkill_anywhere_in_a_two_process_sharded_run(tmp_path):
+    """The same on two processes with FSDP2 (every process writes its own DCP shard), with
+    two kills (during the update, inside the DCP write) to keep it shorter: each lands in
+    a random one of the processes, and the other is then killed too, as torchrun does."""
+    args = [a for a in ARGS if not a.startswith("algorithm.prompts_per_step")]
+    root = _kill_and_resume(tmp_path, [*args, "algorithm.prompts_per_step=2", "parallel.strategy=fsdp2"],
+                            MAX_STEPS, "update,checkpoint-write", world=2)
+    shards = sorted(p.name for p in (root / f"step-{MAX_STEPS}" / "state").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
