@@ -98,9 +98,11 @@ class ParamCounts:
                 tr, tr_b, tensors = tr + n, tr_b + n * p.element_size(), tensors + 1
             else:
                 fr, fr_b = fr + n, fr_b + n * p.element_size()
-        vision = next((_numel(m) for name, m in model.named_modules() if name.split(".")[-1] == "visual"), 0)
+        # the vision tower by its name in the Qwen-VL ("visual") and InternVL ("vision_tower") layouts
+        vision = next((_numel(m) for name, m in model.named_modules()
+                       if name.split(".")[-1] in ("visual", "vision_tower")), 0)
         units = [m for name, lst in model.named_modules() if isinstance(lst, torch.nn.ModuleList)
-                 and name.split(".")[-1] in ("layers", "blocks") for m in lst]
+                 and name.split(".")[-1] in ("layers", "blocks", "layer") for m in lst]
         sizes = [_numel(m) for m in units]
         return cls(trainable=tr, frozen=fr, trainable_bytes=tr_b, frozen_bytes=fr_b, trainable_tensors=tensors,
                    vision=vision, largest_unit=max(sizes, default=0), root=tr + fr - sum(sizes))

@@ -189,9 +189,9 @@ class FSDP2Engine(Engine):
 
 
 def shard_units(family, model: torch.nn.Module) -> list[torch.nn.Module]:
-    """FSDP2's parameter groups below the root: the decoder layers and vision blocks."""
-    core = family.core(model)
-    return [*core.language_model.layers, *core.visual.blocks]
+    """FSDP2's parameter groups below the root: the decoder layers and vision blocks, as
+    the model's family adapter names them (Qwen-VL and InternVL lay them out differently)."""
+    return [*family.language_layers(model), *family.vision_blocks(model)]
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
