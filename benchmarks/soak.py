@@ -10,7 +10,8 @@ logged so far. It prints:
   through the samples taken after ``--warmup`` steps of each process life: a leak shows
   as a steady positive slope, a flat run as about 0), for the uninterrupted run and for
   each life of the interrupted one, of the training process alone and with its child
-  processes (the math-verify workers);
+  processes (the math-verify zygote and checker, started at the first math check; their
+  RSS is summed, so pages they share copy-on-write are counted in each);
 - open file descriptors at the start and the end of each life (a leak grows them);
 - the size of metrics.jsonl per logged step;
 - whether metrics.jsonl of the interrupted run has each step once (no gaps, no
