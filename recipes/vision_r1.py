@@ -88,8 +88,8 @@ from vlreason.models.tiny import tiny_model_path
 from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
-from vlreason.rollout.prompts import PromptConfig
 from vlreason.rollout.policy import RolloutConfig
+from vlreason.rollout.prompts import PromptConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
