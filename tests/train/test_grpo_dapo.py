@@ -273,3 +273,27 @@ def test_two_processes_run_the_same_rounds_and_keep_one_process_groups(tmp_path)
     assert parts[0]["groups"] + parts[1]["groups"] == one["groups"]  # rank 0: prompts 0-1, rank 1: 2-3
     for part in parts:  # global decisions and counts
         assert (part["rounds"], part["kept"], part["dropped"], part["normaliser"]) == (2, 4, 3, 24)
+
+
+def test_the_policy_loss_is_chosen_from_the_registry(monkeypatch):
+    from vlreason.algorithms import POLICY_LOSSES
+
+    chosen = []
+    for name in ("grpo", "pg"):
+        original = POLICY_LOSSES[name]
+
+        def recording(*args, _name=name, _original=original, **kwargs):
+            chosen.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setitem(POLICY_LOSSES, name, recording)
+    rows = [row(0, MIXED), row(1, MIXED)]
+    for name in ("grpo", "pg"):
+        p, _ = phases(rows, prompts_per_step=1, policy_loss=name)
+        micro, _ = p.prepare(0, StepTimer())
+        _, metrics = p.loss(micro[0])
+        assert chosen[-1] == name
+        # only the clipped surrogate reports clipping; pg has the ratio fixed at 1
+        assert ("clip_frac" in metrics) == (name == "grpo")
+    with pytest.raises(ValueError, match="algorithm.policy_loss must be one of"):
+        GRPOConfig(policy_loss="ppo2").validate()

@@ -127,17 +127,19 @@ def policy_gradient_loss(
     agg_mode: str = "token-mean",
     max_tokens: int | None = None,
     global_count: float | Tensor | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Off-policy policy gradient with the importance ratio fixed at 1 (SOPHIA).
 
         l_t = -A * logp_t
 
-    No ratio, no clipping, no KL. ``old_logprobs_BT`` is accepted for a uniform
-    :data:`POLICY_LOSSES` interface and ignored (the behaviour policy's probabilities are
-    deliberately dropped, as in the paper). With A = 1 on reward-filtered samples this is the
+    No ratio, no clipping, no KL. ``old_logprobs_BT``, ``clip_low`` and ``clip_high`` are
+    accepted for a uniform :data:`POLICY_LOSSES` interface and ignored (the behaviour
+    policy's probabilities are deliberately dropped, as in the paper). With A = 1 on reward-filtered samples this is the
     supervised NLL. Metrics: ``logprob_mean``, ``advantage_mean`` (token means).
     """
-    del old_logprobs_BT
+    del old_logprobs_BT, clip_low, clip_high
     adv_BT = _advantages_BT(advantages_B, logprobs_BT)
     loss_BT = -adv_BT * logprobs_BT
     loss = aggregate(loss_BT, mask_BT, agg_mode, max_tokens=max_tokens, global_count=global_count)

@@ -45,9 +45,9 @@ import torch
 from vlreason.algorithms import (
     ADVANTAGES,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregate,
     aggregate_sum_and_count,
-    clipped_surrogate,
 )
 from vlreason.algorithms.dapo import informative_groups, overlong_penalty, plan_refill, take_first
 from vlreason.config import doc
@@ -72,6 +72,8 @@ class GRPOConfig:
     kl_coef: float = doc("KL-to-reference coefficient beta; 0 loads no reference model.", 0.0)
     kl_estimator: str = doc("k1 | k2 | k3.", "k3")
     aggregation: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.", "token-mean")
+    policy_loss: str = doc("Policy loss from vlreason.algorithms.POLICY_LOSSES: grpo (clipped surrogate) | "
+                           "pg (policy gradient with the ratio fixed at 1, no clipping).", "grpo")
     reward: str = doc("Reward name (format, accuracy, format_accuracy, vision_r1, iou) or package.module:function.", "format_accuracy")
     dynamic_sampling: bool = doc(
         "DAPO dynamic sampling: drop groups whose rewards are all equal and sample further prompts "
@@ -93,6 +95,8 @@ class GRPOConfig:
     def validate(self) -> None:
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"algorithm.advantage must be one of {list(ADVANTAGES)}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"algorithm.policy_loss must be one of {list(POLICY_LOSSES)}, got '{self.policy_loss}'")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"algorithm.kl_estimator must be one of {list(KL_ESTIMATORS)}")
         if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
@@ -345,7 +349,7 @@ class GRPOPhases:
         return self.loss_from_logprobs(out.logprobs_NT, batch)
 
     def loss_from_logprobs(self, logprobs_NT: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Clipped surrogate (+ beta x KL) of a micro-batch whose log-probs (with gradient,
+        """Policy loss (``policy_loss``: the clipped surrogate by default) + beta x KL of a micro-batch whose log-probs (with gradient,
         at the sampling temperature) a recipe has already computed. ``batch.old_logprobs_NT``
         None means this forward runs at the rollout's weights (ratio 1, no extra pass); on
         the first of several updates it is recorded here for the later ones."""
@@ -355,7 +359,7 @@ class GRPOPhases:
         count = self.normaliser / world()[1]
         max_tokens = self.max_tokens
         old = batch.old_logprobs_NT.to(device) if batch.old_logprobs_NT is not None else None
-        loss, metrics = clipped_surrogate(
+        loss, metrics = POLICY_LOSSES[self.cfg.policy_loss](
             logprobs_NT, old, batch.advantages_N.to(device), mask,
             clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
             agg_mode=self.cfg.aggregation, max_tokens=max_tokens, global_count=count,
