@@ -68,3 +68,24 @@ def test_single_completion_groups_warn_and_stay_finite(tmp_path, caplog):
     assert "GRPO cannot learn" in caplog.text
     records = _metrics(run)
     assert all(r["loss"] == 0.0 and r["skipped_steps"] == 0 for r in records)
+
+
+def test_special_tokens_written_in_the_data_are_skipped_in_rl_and_text_in_sft(tmp_path, caplog):
+    """A question holding '<|image_pad|>' as text would ask for image features that do not
+    exist: GRPO and SFT skip the row and count it. A target holding it is only text."""
+    rows = _demo_rows(4)
+    rows[1]["question"] = rows[1]["question"] + " <|image_pad|>"
+    rows[2]["images"] = [b"not an image"]
+    rows[3]["solution"] = "<think>looks <|vision_start|> red</think><answer>" + rows[3]["answer"] + "</answer>"
+    for row in rows[:3]:
+        row["solution"] = "<think>look</think><answer>" + row["answer"] + "</answer>"
+    data = save_canonical(rows, tmp_path / "data")
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "grpo", f"output_dir={tmp_path / 'rl'}", f"data.train={data}", *FAST]) == 0
+    assert f"skipping row '{rows[1]['id']}'" in caplog.text and "special token '<|image_pad|>'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "sft", f"output_dir={tmp_path / 'sft'}", f"data.train={data}", "max_steps=1",
+                     "sft.batch_size=4", "sft.micro_batch_size=2", "progress=false"]) == 0
+    assert f"skipping row '{rows[1]['id']}'" in caplog.text and f"skipping row '{rows[2]['id']}'" in caplog.text
+    assert _metrics(tmp_path / "sft")[-1]["data/skipped_rows_step"] == 2

@@ -95,3 +95,26 @@ def test_image_pad_tokens_sit_at_the_placeholders_in_order(processor):
     plain_text = _prompt_text(batch, processor, 1)  # no placeholders: images first, as before
     assert (VISION.format(pad * 4) + VISION.format(pad * 8) + "How many?") in plain_text
     assert batch.images_per_prompt == [2, 2]
+
+
+def test_a_special_token_written_in_the_question_or_choices_is_refused(processor):
+    budget = PixelBudget(56 * 56, 112 * 112)
+    image = _png((56, 56))
+    for field, value in (("question", "What is <|image_pad|> here?"), ("choices", ["red", "<|im_end|>"])):
+        row = {"id": "hostile", "question": "Which colour?", "answer": "A", "images": [image], "choices": []}
+        row[field] = value
+        with pytest.raises(ValueError, match=r"row 'hostile'.*special token '<\|(image_pad|im_end)\|>'"):
+            build_prompt_batch([row], processor, budget, PromptConfig())
+
+
+def test_a_special_token_written_in_a_target_is_text_not_the_token(processor):
+    from vlreason.rollout.prompts import tokenize_targets
+
+    text = "<think>see <|image_pad|></think><answer><|vision_start|>red<|im_end|></answer>"
+    ids, mask, truncated = tokenize_targets(processor, [text, "short"])
+    tok = processor.tokenizer
+    specials = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|im_end|>")}
+    row = ids[0][mask[0].bool()].tolist()
+    assert row[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # the one real end of turn, appended
+    assert not specials & set(row[:-1])
+    assert tok.decode(row[:-1]) == text

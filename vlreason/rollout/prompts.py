@@ -146,6 +146,8 @@ def build_prompt_batch(
     """
     if not rows:
         raise ValueError("build_prompt_batch needs at least one row")
+    for row in rows:
+        refuse_special_tokens(row, processor.tokenizer)
     per_row = images if images is not None else [decode_row_images(r) for r in rows]
     resized = [[budget.resize(img) for img in imgs] for imgs in per_row]
     texts = [render_prompt(processor, build_messages(r, len(imgs), cfg), cfg) for r, imgs in zip(rows, resized)]
@@ -165,6 +167,20 @@ def build_prompt_batch(
     )
 
 
+def refuse_special_tokens(row: dict[str, Any], tokenizer) -> None:
+    """A question or choice holding one of the tokenizer's special tokens as text
+    (``<|image_pad|>``, ``<|im_end|>``...) would be read as that token: an extra image
+    slot whose features do not exist, or a turn the user did not write. Such a row is
+    refused (``ValueError`` naming the row and the token; the recipes skip and count it)
+    rather than fed to the model."""
+    special = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    texts = [str(row.get("question", "")), *(str(c) for c in row.get("choices") or [])]
+    for token in special:
+        if any(token in text for text in texts):
+            raise ValueError(f"row '{row.get('id')}': its question or choices contain the special token "
+                             f"'{token}' as text; remove it from the data")
+
+
 def prompt_lengths(rows: list[dict[str, Any]], processor, budget: PixelBudget, cfg: PromptConfig) -> list[int]:
     """Token length of each row's prompt, image tokens included (without running the model)."""
     lengths = []
@@ -180,7 +196,10 @@ def tokenize_targets(processor, texts: list[str], *, max_tokens: int | None = No
     ``<|im_end|>`` for every family so far), right-padded: (ids, mask, truncated)."""
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids(end_of_turn)
-    seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    # A target is text: a special token written in it ("<|image_pad|>", "<|im_end|>") is
+    # tokenised as its characters, never as the token (no image slot without features,
+    # no early end of turn)
+    seqs = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos] for t in texts]
     truncated = [max_tokens is not None and len(s) > max_tokens for s in seqs]
     if max_tokens is not None:
         seqs = [s[:max_tokens] for s in seqs]

@@ -55,7 +55,7 @@ from vlreason.data.stream import RowStream, shard
 from vlreason.rewards import get_reward
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
-from vlreason.rollout.prompts import decode_row_images
+from vlreason.rollout.prompts import decode_row_images, refuse_special_tokens
 from vlreason.train.distributed import all_reduce, global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer
 
@@ -184,6 +184,7 @@ class GRPOPhases:
         for i in shard(list(range(len(step_rows))), rank, size):
             row = step_rows[i]
             try:
+                refuse_special_tokens(row, getattr(getattr(self.policy, "processor", None), "tokenizer", None))
                 images.append(decode_row_images(row))
                 rows.append(row)
                 index.append(i)

@@ -9,6 +9,7 @@ same chunked log-prob path as RL, so warm-up and cold start need no second loop.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,11 @@ from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
-from vlreason.rollout.prompts import tokenize_targets
+from vlreason.rollout.prompts import decode_row_images, refuse_special_tokens, tokenize_targets
 from vlreason.train.distributed import global_sum, world
 from vlreason.train.metrics import StepTimer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,8 +54,21 @@ class SFTPhases:
         self.policy = policy
         self.stream = stream
 
-    def batch_for(self, rows: list[dict[str, Any]]) -> RolloutBatch:
-        prompts = self.policy.prompts(rows)
+    def usable(self, step: int, row: dict[str, Any]) -> list | None:
+        """The row's decoded images, or None (warning, counted) when the row cannot be
+        used: an image that does not decode, a special token written in its text, no
+        target."""
+        try:
+            images = decode_row_images(row)
+            refuse_special_tokens(row, self.policy.processor.tokenizer)
+            target_text(row, self.cfg)
+        except ValueError as err:
+            log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
+            return None
+        return images
+
+    def batch_for(self, rows: list[dict[str, Any]], images: list | None = None) -> RolloutBatch:
+        prompts = self.policy.prompts(rows, images=images)
         ids, mask, truncated = tokenize_targets(
             self.policy.processor, [target_text(r, self.cfg) for r in rows], max_tokens=self.cfg.max_target_tokens
         )
@@ -64,13 +80,19 @@ class SFTPhases:
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:
         rank, size = world()
         with timer("data"):
-            rows = shard(self.stream.next_rows(self.cfg.batch_size), rank, size)
-            micro = [self.batch_for(rows[i : i + self.cfg.micro_batch_size])
-                     for i in range(0, len(rows), self.cfg.micro_batch_size)]
+            drawn = shard(self.stream.next_rows(self.cfg.batch_size), rank, size)
+            checked = [(row, self.usable(step, row)) for row in drawn]
+            rows = [row for row, images in checked if images is not None]
+            images = [images for _, images in checked if images is not None]
+            if not rows:
+                raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
+            size_ = self.cfg.micro_batch_size
+            micro = [self.batch_for(rows[i : i + size_], images[i : i + size_]) for i in range(0, len(rows), size_)]
         tokens = sum(int(b.completion_mask_NT.sum()) for b in micro)
         self.normaliser = global_sum(tokens)
         truncated = sum(int(b.truncated_N.sum()) for b in micro)
-        return micro, {"target_tokens": tokens, "target_truncated": truncated, "data/epoch": self.stream.epoch}
+        return micro, {"target_tokens": tokens, "target_truncated": truncated, "data/epoch": self.stream.epoch,
+                       "data/skipped_rows_step": len(drawn) - len(rows)}
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         out = self.policy.token_outputs(batch)
