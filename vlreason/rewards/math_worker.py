@@ -120,6 +120,19 @@ WARM_UP_CHECKS = (("$3$", "$3.0$"), ("$\\frac{1}{2} + x^2$", "$x^{2} + 0.5$"))
 # --------------------------------------------------------------------------- zygote side
 
 
+def _read_json_line(stream: IO, timeout_s: float | None, who: str) -> Any:
+    """The next JSON line from a pipe to ``who``; None when nothing arrived within
+    ``timeout_s`` (None: wait); EOFError when ``who`` has exited. One request is in flight
+    at a time, so a buffered reader never holds a second line that select cannot see."""
+    ready, _, _ = select.select([stream], [], [], timeout_s)
+    if not ready:
+        return None
+    line = stream.readline()
+    if not line:
+        raise EOFError(f"{who} exited")
+    return json.loads(line)
+
+
 def _die_with_parent() -> None:
     """Linux: receive SIGKILL when the parent process dies (best effort elsewhere)."""
     if not sys.platform.startswith("linux"):
@@ -183,13 +196,8 @@ class _Checker:
         """True/False, or None past ``timeout_s``; raises OSError/EOFError if it died."""
         self.requests.write(json.dumps([pred, gt, free_text]) + "\n")
         self.requests.flush()
-        ready, _, _ = select.select([self.answers], [], [], timeout_s)
-        if not ready:
-            return None
-        line = self.answers.readline()
-        if not line:
-            raise EOFError("checker exited")
-        return bool(json.loads(line))
+        answer = _read_json_line(self.answers, timeout_s, "checker")
+        return None if answer is None else bool(answer)
 
     def kill(self) -> None:
         try:
@@ -272,13 +280,7 @@ class _Zygote:
         self.last_killed: int | None = None  # pid of the checker killed by the last timeout
 
     def _read(self, timeout_s: float | None) -> dict[str, Any] | None:
-        ready, _, _ = select.select([self.stdout], [], [], timeout_s)
-        if not ready:
-            return None
-        line = self.stdout.readline()
-        if not line:
-            raise EOFError("math-verify zygote exited")
-        return json.loads(line)
+        return _read_json_line(self.stdout, timeout_s, "math-verify zygote")
 
     def wait_ready(self) -> None:
         if self.ready:
