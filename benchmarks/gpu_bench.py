@@ -232,10 +232,8 @@ def build_phases(args, shape: Shape, policy):
     from vlreason.train.grpo import GRPOConfig, GRPOPhases
 
     rows = synthetic_rows(64, shape.image_side, args.seed)
-    return GRPOPhases(GRPOConfig(prompts_per_step=shape.prompts_per_step,
-                                 micro_batch_prompts=shape.micro_batch_prompts, kl_coef=shape.beta,
-                                 reward="format"),
-                      policy, RowStream(rows, seed=args.seed), args.seed)
+    return GRPOPhases(GRPOConfig(micro_batch_prompts=shape.micro_batch_prompts, kl_coef=shape.beta, reward="format"),
+                      policy, RowStream(rows, seed=args.seed), args.seed, prompts_per_step=shape.prompts_per_step)
 
 
 def track_phase_peaks(policy, device: torch.device, reference: bool) -> dict[str, dict[str, float]]:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def grpo_args(steps: int) -> list[str]:
     return [f"max_steps={steps}", "save_steps=50", "keep_last=2", "rollout.num_generations=4",
-            "rollout.max_new_tokens=24", "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1",
+            "rollout.max_new_tokens=24", "prompts_per_step=2", "algorithm.micro_batch_prompts=1",
             "optim.lr=1e-4", "heldout_eval=false", "progress=false", "trackers=[jsonl]"]
 
 

@@ -38,11 +38,10 @@ def build_phases(settings: Settings) -> tuple[Policy, GRPOPhases]:
     policy = Policy.load(ModelConfig(name_or_path=settings.model_path), rollout,
                          with_reference=settings.beta > 0)
     stream = RowStream(color_rows(settings), seed=settings.seed)
-    algorithm = GRPOConfig(prompts_per_step=settings.prompts_per_step,
-                           micro_batch_prompts=settings.micro_batch_prompts, kl_coef=settings.beta,
+    algorithm = GRPOConfig(micro_batch_prompts=settings.micro_batch_prompts, kl_coef=settings.beta,
                            kl_estimator="k3", aggregation="token-mean", advantage="grpo",
                            clip_low=0.2, clip_high=0.2, reward=settings.reward)
-    return policy, GRPOPhases(algorithm, policy, stream, settings.seed)
+    return policy, GRPOPhases(algorithm, policy, stream, settings.seed, prompts_per_step=settings.prompts_per_step)
 
 
 def build_trainer(settings: Settings, policy: Policy, phases: GRPOPhases) -> Trainer:

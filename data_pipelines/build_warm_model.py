@@ -22,7 +22,7 @@ from vlreason.paths import assets_dir
 SFT_OVERRIDES = [
     "model.name_or_path=",  # the cached tiny random model (vlreason tiny-model, seed 0)
     "optim.lr=2e-3", "optim.schedule=cosine", "optim.warmup_steps=20",
-    "sft.batch_size=16", "sft.micro_batch_size=16", "save_steps=0", "keep_last=1",
+    "prompts_per_step=16", "sft.micro_batch_prompts=16", "save_steps=0", "keep_last=1",
     "eval_rows=64", "progress=false", "trackers=[jsonl]",
 ]
 

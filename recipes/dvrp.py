@@ -70,9 +70,8 @@ from vlreason.algorithms.divergence import dvrp_regularizer
 from vlreason.algorithms.kl import KL_ESTIMATORS
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
-from vlreason.models.loading import ModelConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
@@ -80,7 +79,7 @@ from vlreason.rollout.prompts import decode_row_images
 from vlreason.rollout.views_forward import DIVERGENCE_KINDS, noised_prompts, view_token_terms
 from vlreason.train.distributed import world
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.views.noise import NUM_STEPS
 from vlreason.views.triplet import Triplet, build_triplet, noise_timestep
@@ -122,22 +121,18 @@ class DVRPConfig:
 
 
 @dataclass
-class DVRPRecipeConfig(LoopConfig):
-    output_dir: str = doc("Run directory.", "runs/dvrp")
-    max_steps: int = doc("Optimizer steps to run.", 40)
-    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 20)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
-    rollout: RolloutConfig = field(
-        default_factory=lambda: RolloutConfig(num_generations=4, max_new_tokens=32),
-        metadata={"help": "Sampling and images."},
-    )
-    algorithm: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(prompts_per_step=4, micro_batch_prompts=2),
-        metadata={"help": "GRPO settings (kl_coef 0: DVRP uses no reference KL)."},
-    )
+class DVRPRecipeConfig(RunConfig):
+    # shared keys (help in RunConfig), restated with this recipe's defaults
+    output_dir: str = "runs/dvrp"
+    max_steps: int = 40
+    save_steps: int = 20
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_generations=4, max_new_tokens=32))
+    prompts_per_step: int = 4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    # DVRP's own
+    algorithm: GRPOConfig = field(default_factory=lambda: GRPOConfig(micro_batch_prompts=2),
+                                  metadata={"help": "GRPO settings (kl_coef 0: DVRP uses no reference KL)."})
     dvrp: DVRPConfig = field(default_factory=DVRPConfig, metadata={"help": "DVRP views and visual terms."})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
 
 
 @register_recipe("dvrp")
@@ -156,7 +151,8 @@ class DVRPRecipe(Recipe):
         self.train_data = load_split(cfg.data.train, "train")
         self.row_index = {str(i): k for k, i in enumerate(self.train_data["id"])}
         self.stream = RowStream(self.train_data, seed=cfg.seed)
-        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
+        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed,
+                                 prompts_per_step=cfg.prompts_per_step)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     # ---- views of a step -----------------------------------------------------------------

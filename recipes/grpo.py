@@ -22,33 +22,28 @@ import torch
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig
-from vlreason.models.loading import ModelConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 
 
 @dataclass
-class GRPORecipeConfig(LoopConfig):
-    output_dir: str = doc("Run directory.", "runs/grpo")
-    max_steps: int = doc("Optimizer steps to run.", 60)
-    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 20)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
-    rollout: RolloutConfig = field(
-        default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48),
-        metadata={"help": "Sampling and images."},
-    )
-    algorithm: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(prompts_per_step=16, micro_batch_prompts=4),
-        metadata={"help": "GRPO settings."},
-    )
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
+class GRPORecipeConfig(RunConfig):
+    # shared keys (help in RunConfig), restated with this recipe's defaults
+    output_dir: str = "runs/grpo"
+    max_steps: int = 60
+    save_steps: int = 20
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48))
+    prompts_per_step: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    # GRPO's own
+    algorithm: GRPOConfig = field(default_factory=lambda: GRPOConfig(micro_batch_prompts=4),
+                                  metadata={"help": "GRPO settings."})
     heldout_eval: bool = doc("Evaluate data.eval before the first step and after the last "
                              "(eval/* metrics, RUN_DIR/eval.jsonl, printed).", True)
     eval: EvalConfig = field(
@@ -72,7 +67,8 @@ class GRPORecipe(Recipe):
         self.model = self.policy.model
         train = load_split(cfg.data.train, "train")
         self.stream = RowStream(train, seed=cfg.seed)
-        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
+        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed,
+                                 prompts_per_step=cfg.prompts_per_step)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
         self.heldout = (HeldOutEval(self.policy, load_split(cfg.data.eval, "eval"), cfg.eval, cfg.output_dir,
                                     is_main=self.trainer.is_main) if cfg.heldout_eval else None)

@@ -21,23 +21,20 @@ import torch
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig, evaluate
-from vlreason.models.loading import ModelConfig
 from vlreason.models.tiny import tiny_model_path
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
-from vlreason.rollout.policy import RolloutConfig
-from vlreason.train.loop import LoopConfig, Trainer
+from vlreason.train.loop import Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sft import SFTConfig, SFTPhases
 
 
 @dataclass
-class SFTRecipeConfig(LoopConfig):
-    output_dir: str = doc("Run directory.", "runs/sft")
-    max_steps: int = doc("Optimizer steps to run.", 100)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model to fine-tune."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Pixel budget and prompt format (shared with RL)."})
+class SFTRecipeConfig(RunConfig):
+    # shared keys (help in RunConfig), restated with this recipe's defaults
+    output_dir: str = "runs/sft"
+    max_steps: int = 100
+    # SFT's own
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Supervised settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation at the end."})
     eval_rows: int = doc("Evaluate this many held-out rows at the end (0: skip).", 0)
@@ -57,7 +54,7 @@ class SFTRecipe(Recipe):
         self.policy = load_policy(cfg)
         self.model = self.policy.model
         self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
-        self.phases = SFTPhases(cfg.sft, self.policy, self.stream)
+        self.phases = SFTPhases(cfg.sft, self.policy, self.stream, prompts_per_step=cfg.prompts_per_step)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def train(self) -> Path:
@@ -79,11 +76,12 @@ class SFTRecipe(Recipe):
         return self.phases.loss(micro_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.stream.state_dict()}
+        return {"data": self.stream.state_dict(), "skipped_rows": self.phases.rows.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "data" in state:
             self.stream.load_state_dict(state["data"])
+        self.phases.rows.skipped = state.get("skipped_rows", 0)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ reward, advantage or reference KL. The maths is ``vlreason.algorithms.vision_opd
 
 One step:
 
-1. rollout: draw ``algorithm.prompts_per_step`` rows, build the student prompts (full
+1. rollout: draw ``prompts_per_step`` rows, build the student prompts (full
    image, optionally with the box drawn in red) and the teacher prompts (the crop),
    sample G completions at the rollout temperature (1.0);
 2. teacher (no gradients), per micro-batch: the student's top-k ids and log-probs
@@ -97,16 +97,23 @@ from vlreason.algorithms import (
 from vlreason.algorithms.opd import ema_teacher_step_, opd_token_sums, token_means
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
-from vlreason.models.loading import ModelConfig, resolve_dtype
+from vlreason.models.loading import resolve_dtype
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import (
+    DataConfig,
+    Recipe,
+    RunConfig,
+    load_policy,
+    load_split,
+    run_recipe_cli,
+)
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import decode_row_images
 from vlreason.train.distributed import global_sum, hash_seed, world
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.views import crop_to_box, draw_box
 
@@ -148,7 +155,6 @@ class TeacherConfig:
 
 @dataclass
 class OPDConfig:
-    prompts_per_step: int = doc("Prompts per optimizer step, over all processes (paper 96).", 4)
     micro_batch_prompts: int = doc("Prompts (x G completions) per forward/backward micro-batch.", 2)
     topk: int = doc("Student top-k token ids compared per position (paper 100); clamped to the vocabulary.", 100)
     divergence: str = doc("jsd (paper) | forward_kl | reverse_kl, on the (k+1)-way top-k + tail distributions.", "jsd")
@@ -160,8 +166,8 @@ class OPDConfig:
     box_color: str = doc("Colour of the drawn box.", "red")
 
     def validate(self) -> None:
-        if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
-            raise ValueError("algorithm.prompts_per_step and micro_batch_prompts must be >= 1")
+        if self.micro_batch_prompts < 1:
+            raise ValueError("algorithm.micro_batch_prompts must be >= 1")
         if self.topk < 1:
             raise ValueError("algorithm.topk must be >= 1")
         if self.divergence not in DIVERGENCES:
@@ -175,19 +181,19 @@ class OPDConfig:
 
 
 @dataclass
-class VisionOPDRecipeConfig(LoopConfig):
-    output_dir: str = doc("Run directory.", "runs/vision_opd")
-    max_steps: int = doc("Optimizer steps to run.", 12)
-    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Student model (the teacher is a copy)."})
+class VisionOPDRecipeConfig(RunConfig):
+    output_dir: str = "runs/vision_opd"  # shared keys: help in RunConfig
+    max_steps: int = 12
+    save_steps: int = 0
     data: OPDDataConfig = field(default_factory=OPDDataConfig, metadata={"help": "Datasets (rows with boxes)."})
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(num_generations=4, max_new_tokens=48, temperature=1.0),
         metadata={"help": "Sampling and images (one pixel budget for student and teacher)."},
     )
+    prompts_per_step: int = doc("Prompts per optimizer step, over all processes (paper 96).", 4)
     algorithm: OPDConfig = field(default_factory=OPDConfig, metadata={"help": "Distillation loss and batch."})
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The crop teacher."})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "Optimizer and schedule."})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
 
 @register_recipe("vision_opd")
@@ -274,7 +280,7 @@ class VisionOPDRecipe(Recipe):
         """This process's share of the step's rows as (student prompts, teacher prompts),
         same rows in the same order; unusable rows are skipped with a warning and counted."""
         rank, size = world()
-        step_rows = self.stream.next_rows(self.cfg.algorithm.prompts_per_step)
+        step_rows = self.stream.next_rows(self.cfg.prompts_per_step)
         max_tokens = self.policy.rollout.prompt.max_prompt_tokens
         usable, student_images, teacher_images, self.prompt_index = [], [], [], []
         for i in shard(list(range(len(step_rows))), rank, size):

@@ -77,22 +77,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlreason.config import doc
 from vlreason.data.schema import load_canonical
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig
-from vlreason.models.loading import ModelConfig, trainable_parameters
+from vlreason.models.loading import trainable_parameters
 from vlreason.models.tiny import tiny_model_path
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import PromptConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.heldout import HeldOutEval
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.ptst import (
     LRPhase,
@@ -106,6 +106,7 @@ from vlreason.train.ptst import (
 )
 from vlreason.train.schedule import SCHEDULES
 from vlreason.train.sft import SFTConfig, SFTPhases
+from vlreason.train.weights import load_tensors_into_
 
 COLD_START = "cold_start"  # the `stage` metric of the supervised steps
 SNAPSHOT_WEIGHTS = "trainable.safetensors"
@@ -114,8 +115,10 @@ EVAL_FILE = "eval_stages.jsonl"
 
 @dataclass
 class ColdStartConfig(SFTConfig):
-    """Stage 0: the SFT settings (batch, target, cutoff) plus the phase's length and lr."""
+    """Stage 0: the SFT settings (target, cutoff, micro-batch) plus the phase's batch, length and lr."""
 
+    prompts_per_step: int = doc("Rows per optimizer step of the cold start, over all processes "
+                                "(0: the run's prompts_per_step).", 0)
     steps: int = doc("Cold-start SFT steps before RL (0: RL straight from model.name_or_path).", 80)
     lr: float = doc("Peak learning rate of the cold start (the RL stages use optim.lr).", 2e-3)
     warmup_steps: int = doc("Linear warm-up steps of the cold start.", 10)
@@ -124,8 +127,8 @@ class ColdStartConfig(SFTConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.steps < 0 or self.warmup_steps < 0:
-            raise ValueError("cold_start.steps and cold_start.warmup_steps must be >= 0")
+        if self.steps < 0 or self.warmup_steps < 0 or self.prompts_per_step < 0:
+            raise ValueError("cold_start.steps, warmup_steps and prompts_per_step must be >= 0")
         if self.lr <= 0:
             raise ValueError("cold_start.lr must be positive")
         if self.schedule not in SCHEDULES:
@@ -154,28 +157,28 @@ class PTSTConfig:
 
 
 @dataclass
-class VisionR1RecipeConfig(LoopConfig):
+class VisionR1RecipeConfig(RunConfig):
     """The whole run; ``max_steps`` resolves to the schedule's length when 0."""
 
-    output_dir: str = doc("Run directory.", "runs/vision_r1")
+    output_dir: str = "runs/vision_r1"
     max_steps: int = doc(
         "Optimizer steps; 0: the whole schedule (cold_start.steps + the PTST stages' steps). "
         "A smaller value stops early.", 0)
-    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "RL and held-out datasets."})
+    save_steps: int = 0
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(num_generations=8, max_new_tokens=48,
                                               prompt=PromptConfig(template_default_system=False)),
         metadata={"help": "Sampling, images and prompt format (length and G come from ptst.stages)."},
     )
     cold_start: ColdStartConfig = field(
-        default_factory=lambda: ColdStartConfig(batch_size=16, micro_batch_size=16),
+        default_factory=lambda: ColdStartConfig(prompts_per_step=16, micro_batch_prompts=16),
         metadata={"help": "Stage 0: supervised fine-tuning on <think>/<answer> solutions."},
     )
     ptst: PTSTConfig = field(default_factory=PTSTConfig, metadata={"help": "Progressive thinking suppression stages."})
+    prompts_per_step: int = doc("Prompt groups per optimizer step of the RL stages, over all processes "
+                                "(the cold start's: cold_start.prompts_per_step).", 8)
     algorithm: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(prompts_per_step=8, micro_batch_prompts=4, kl_coef=0.01,
+        default_factory=lambda: GRPOConfig(micro_batch_prompts=4, kl_coef=0.01,
                                            kl_estimator="k3", advantage="grpo", reward="vision_r1"),
         metadata={"help": "GRPO settings of the RL stages."},
     )
@@ -185,6 +188,7 @@ class VisionR1RecipeConfig(LoopConfig):
     stage_eval: bool = doc("Evaluate data.eval at the end of every stage (cold start included).", True)
 
     def validate(self) -> None:
+        super().validate()
         schedule = self.cold_start.steps + total_steps(self.ptst.stages)
         if self.max_steps == 0:
             self.max_steps = schedule
@@ -218,8 +222,10 @@ class VisionR1Recipe(Recipe):
         cold = load_canonical(cfg.cold_start.data) if cfg.cold_start.data else train
         self.cold_stream = RowStream(cold, seed=cfg.seed, name="cold-start")
         self.stream = RowStream(train, seed=cfg.seed)
-        self.sft = SFTPhases(cfg.cold_start, self.policy, self.cold_stream)
-        self.grpo = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
+        self.sft = SFTPhases(cfg.cold_start, self.policy, self.cold_stream,
+                             prompts_per_step=cfg.cold_start.prompts_per_step or cfg.prompts_per_step)
+        self.grpo = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed,
+                               prompts_per_step=cfg.prompts_per_step)
         self.eval_points = self.stage_end_points()
         self.run_dir = Path(cfg.output_dir)
         self.rl_started = False
@@ -301,11 +307,8 @@ class VisionR1Recipe(Recipe):
             if not path.is_file():
                 raise FileNotFoundError(f"resuming after the cold start needs its weights as the KL reference: "
                                         f"{path} is missing")
-            weights = load_file(str(path))
-            with torch.no_grad():
-                for name, param in reference.named_parameters():
-                    if name in weights:
-                        param.copy_(weights[name].to(param.device, param.dtype))
+            load_tensors_into_(reference.named_parameters(), path,
+                               required=trainable_parameters(self.model).keys())
         self.policy.reference, self.policy.has_reference = reference, True
 
     def step(self, micro_batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:

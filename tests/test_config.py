@@ -134,3 +134,34 @@ def test_each_recipes_own_yaml_states_the_code_defaults():
         assert not differ, f"{path.name} changes code defaults (yaml, code): {differ}"
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "sft", "vision_r1", "dvrp", "vision_opd"])
+def test_one_batch_key_for_every_recipe(recipe, tmp_path):
+    """``prompts_per_step`` is the batch key of every recipe (RunConfig), set the same way;
+    the old per-section paths fail with an error that names the new one."""
+    from vlreason.recipe_base import RunConfig
+    from vlreason.registry import recipe_class
+
+    cls = recipe_class(recipe).config_class
+    assert issubclass(cls, RunConfig)
+    assert load_config(cls, None, ["prompts_per_step=5"]).prompts_per_step == 5
+    old = {"grpo": "algorithm.prompts_per_step", "dvrp": "algorithm.prompts_per_step",
+           "vision_opd": "algorithm.prompts_per_step", "sft": "sft.batch_size",
+           "vision_r1": "cold_start.batch_size"}[recipe]
+    with pytest.raises(ConfigError, match=f"'{old}' has moved: use '"):
+        load_config(cls, None, [f"{old}=5"])
+    path = tmp_path / "old.yaml"
+    section, key = old.split(".")
+    path.write_text(f"{section}:\n  {key}: 5\n")
+    with pytest.raises(ConfigError, match="has moved"):
+        load_config(cls, path)
+
+
+def test_cold_start_batch_falls_back_to_the_run_batch():
+    from vlreason.registry import recipe_class
+
+    cls = recipe_class("vision_r1").config_class
+    assert load_config(cls).cold_start.prompts_per_step == 16  # its own default
+    cfg = load_config(cls, None, ["cold_start.prompts_per_step=0", "prompts_per_step=3"])
+    assert (cfg.cold_start.prompts_per_step or cfg.prompts_per_step) == 3

@@ -41,6 +41,24 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> An
     return dataclasses.field(default=default, metadata={"help": help_text}, **kwargs)
 
 
+# Keys that moved, old dotted path -> new one: a config or override using the old path
+# gets an error that names the new one (not only a nearest-name guess).
+MOVED_KEYS: dict[str, str] = {
+    "algorithm.prompts_per_step": "prompts_per_step",
+    "sophia.prompts_per_step": "prompts_per_step",
+    "sft.batch_size": "prompts_per_step",
+    "cold_start.batch_size": "cold_start.prompts_per_step",
+    "sft.micro_batch_size": "sft.micro_batch_prompts",
+    "cold_start.micro_batch_size": "cold_start.micro_batch_prompts",
+}
+
+
+def _unknown_key(full: str, name: str, options: list[str]) -> ConfigError:
+    if full in MOVED_KEYS:
+        return ConfigError(f"config key '{full}' has moved: use '{MOVED_KEYS[full]}'.")
+    return ConfigError(f"unknown config key '{full}'." + _suggest(name, options))
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -137,9 +155,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in types_]
     if unknown:
         key = unknown[0]
-        raise ConfigError(
-            f"unknown config key '{prefix}{key}'." + _suggest(key, list(types_))
-        )
+        raise _unknown_key(f"{prefix}{key}", key, list(types_))
     kwargs = {k: _coerce(v, types_[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
@@ -182,7 +198,7 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any, cls: type, full
     types_ = _field_types(cls)
     head = path[0]
     if head not in types_:
-        raise ConfigError(f"unknown config key '{full}'." + _suggest(head, list(types_)))
+        raise _unknown_key(full, head, list(types_))
     if len(path) == 1:
         data[head] = value
         return
@@ -224,7 +240,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], cls: type, prefix: str 
     out = dict(base)
     for key, value in update.items():
         if key not in types_:
-            raise ConfigError(f"unknown config key '{prefix}{key}'." + _suggest(key, list(types_)))
+            raise _unknown_key(f"{prefix}{key}", key, list(types_))
         _, sub = _is_optional(types_[key])
         if dataclasses.is_dataclass(sub) and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value, sub, f"{prefix}{key}.")
@@ -249,5 +265,15 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(value):
             rows.extend(describe(type(value), f"{prefix}{f.name}.", value))
         else:
-            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", repr(value), field_help(cls, f.name)))
     return rows
+
+
+def field_help(cls: type, name: str) -> str:
+    """A field's help text: its own, else that of the nearest base class declaring it (a
+    subclass that only restates a default, ``max_steps: int = 40``, keeps the base's help)."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return ""

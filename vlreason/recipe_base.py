@@ -8,7 +8,7 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from vlreason.config import ConfigError, describe, doc, load_config, save_config
+from vlreason.models.loading import ModelConfig
 from vlreason.outputs import OutputPathError, prepare_output
 from vlreason.registry import builtin_recipes, recipe_class  # noqa: F401  (recipe_class re-exported)
+from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.checkpoint import latest_checkpoint
+from vlreason.train.loop import LoopConfig
 
 # The built-in recipes, name -> module: each registers itself with @register_recipe
 # (vlreason/registry.py); recipes never inherit from each other.
@@ -29,6 +32,27 @@ RECIPES: dict[str, str] = builtin_recipes()
 class DataConfig:
     train: str = doc("Canonical training dataset directory; empty: the bundled demo data.", "")
     eval: str = doc("Canonical evaluation dataset directory; empty: the bundled demo eval split.", "")
+
+
+@dataclass
+class RunConfig(LoopConfig):
+    """What every recipe's config shares: the loop keys (``LoopConfig``: run directory,
+    steps, checkpoints, optimizer, parallelism), the model, the data, the rollout
+    (sampling, images, prompt format) and the batch, ``prompts_per_step``. A recipe's
+    config extends it with its own section (``algorithm``, ``sft``, ``dvrp``, ...) and
+    restates only the shared defaults it changes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig,
+                                   metadata={"help": "Sampling, images and prompt format."})
+    prompts_per_step: int = doc(
+        "Dataset rows (prompts) per optimizer step, over all processes: GRPO's prompt groups, "
+        "SFT's examples, SOPHIA's captioned rows. The one batch key of every recipe.", 8)
+
+    def validate(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
 
 
 class SetupError(RuntimeError):

@@ -134,7 +134,7 @@ def test_plot_unwritable_path_fails_before_drawing(tmp_path, capsys, monkeypatch
 def test_train_creates_missing_nested_output_dir(tmp_path):
     run = tmp_path / "new" / "nested" / "run"
     assert main(["train", "grpo", f"output_dir={run}", "max_steps=1", "rollout.num_generations=2",
-                 "rollout.max_new_tokens=4", "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1"]) == 0
+                 "rollout.max_new_tokens=4", "prompts_per_step=1", "algorithm.micro_batch_prompts=1"]) == 0
     assert (run / "config.yaml").is_file() and (run / "final").is_dir()
 
 

@@ -21,25 +21,23 @@ from dataclasses import dataclass, field
 
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
-from vlreason.models.loading import ModelConfig
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.paths import warm_model
-from vlreason.recipe_base import DataConfig, load_policy, load_split
+from vlreason.recipe_base import RunConfig, load_policy, load_split
 from vlreason.registry import register_recipe
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
-from vlreason.train.loop import LoopConfig, Trainer
+from vlreason.train.loop import Trainer
 
 
 @dataclass
-class MyConfig(LoopConfig):
+class MyConfig(RunConfig):
     output_dir: str = doc("Run directory.", "runs/my_grpo")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(num_generations=2, max_new_tokens=4),
         metadata={"help": "Sampling and images."})
+    prompts_per_step: int = doc("Prompt groups per optimizer step.", 1)
     algorithm: GRPOConfig = field(
-        default_factory=lambda: GRPOConfig(prompts_per_step=1, micro_batch_prompts=1),
+        default_factory=lambda: GRPOConfig(micro_batch_prompts=1),
         metadata={"help": "GRPO settings."})
 
 
@@ -59,7 +57,8 @@ class MyGRPO:
         self.policy = load_policy(cfg, with_reference=cfg.algorithm.kl_coef > 0)
         self.model = self.policy.model
         self.stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed)
-        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed)
+        self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed,
+                                 prompts_per_step=cfg.prompts_per_step)
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def train(self):
@@ -137,7 +136,7 @@ def test_user_module_on_pythonpath_shows_its_config(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vlreason", "train", "my_recipe_env:MyGRPO", "--show-config"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rollout.num_generations = 2" in done.stdout and "algorithm.prompts_per_step = 1" in done.stdout
+    assert "rollout.num_generations = 2" in done.stdout and "prompts_per_step = 1" in done.stdout
 
 
 def test_unknown_recipe_name_lists_the_available_ones(capsys):

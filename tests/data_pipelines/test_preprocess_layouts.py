@@ -190,7 +190,7 @@ def test_easyr1_parquet_through_preprocess_and_one_grpo_step(tmp_path, monkeypat
     run = tmp_path / "run"
     assert main(["train", "grpo", f"data.train={data}", f"output_dir={run}", "max_steps=1",
                  "rollout.num_generations=2", "rollout.max_new_tokens=4",
-                 "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1",
+                 "prompts_per_step=2", "algorithm.micro_batch_prompts=1",
                  "heldout_eval=false"]) == 0
 
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

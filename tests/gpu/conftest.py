@@ -72,7 +72,7 @@ def grpo_in_process_group():
 
     def run(run_dir: Path, strategy: str, backend: str):
         args = [f"output_dir={run_dir}", "max_steps=2", "save_steps=0", "rollout.num_generations=8",
-                "rollout.max_new_tokens=32", "algorithm.prompts_per_step=4", "algorithm.micro_batch_prompts=2",
+                "rollout.max_new_tokens=32", "prompts_per_step=4", "algorithm.micro_batch_prompts=2",
                 "algorithm.kl_coef=0.01", "optim.lr=1e-6", "model.dtype=bfloat16", "trackers=[jsonl]",
                 "progress=false", f"parallel.strategy={strategy}"]
         if "heldout_eval" in keys:

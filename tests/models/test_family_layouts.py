@@ -116,7 +116,7 @@ def test_tiny_checkpoint_through_grpo_step_and_eval(tmp_path, family):
     assert json.loads((model / "config.json").read_text())["model_type"] == family
     run = tmp_path / "run"
     assert main(["train", "grpo", f"output_dir={run}", f"model.name_or_path={model}", "max_steps=1",
-                 "rollout.num_generations=2", "rollout.max_new_tokens=4", "algorithm.prompts_per_step=1",
+                 "rollout.num_generations=2", "rollout.max_new_tokens=4", "prompts_per_step=1",
                  "algorithm.micro_batch_prompts=1", "heldout_eval=false"]) == 0
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and record["completion_len"] > 0 and record["loss"] is not None

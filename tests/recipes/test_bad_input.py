@@ -10,7 +10,7 @@ from vlreason.data.schema import canonical_row, load_canonical, save_canonical
 from vlreason.paths import demo_data
 
 FAST = ["max_steps=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
-        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "progress=false",
+        "prompts_per_step=2", "algorithm.micro_batch_prompts=1", "progress=false",
         "heldout_eval=false"]
 
 
@@ -86,6 +86,6 @@ def test_special_tokens_written_in_the_data_are_skipped_in_rl_and_text_in_sft(tm
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert main(["train", "sft", f"output_dir={tmp_path / 'sft'}", f"data.train={data}", "max_steps=1",
-                     "sft.batch_size=4", "sft.micro_batch_size=2", "progress=false"]) == 0
+                     "prompts_per_step=4", "sft.micro_batch_prompts=2", "progress=false"]) == 0
     assert f"skipping row '{rows[1]['id']}'" in caplog.text and f"skipping row '{rows[2]['id']}'" in caplog.text
     assert _metrics(tmp_path / "sft")[-1]["data/skipped_rows_step"] == 2

@@ -28,7 +28,7 @@ def _setup():
     rollout = RolloutConfig(num_generations=4, max_new_tokens=8)
     policy = Policy.load(ModelConfig(), rollout)
     stream = RowStream(load_canonical(demo_data("train")), seed=0)
-    phases = GRPOPhases(GRPOConfig(reward="format"), policy, stream, seed=0)
+    phases = GRPOPhases(GRPOConfig(reward="format"), policy, stream, seed=0, prompts_per_step=4)
     return policy, phases
 
 

@@ -29,7 +29,7 @@ def approx(value):
     return pytest.approx(value, rel=1e-5, abs=1e-7)
 
 
-FAST = ["rollout.num_generations=2", "rollout.max_new_tokens=12", "algorithm.prompts_per_step=2",
+FAST = ["rollout.num_generations=2", "rollout.max_new_tokens=12", "prompts_per_step=2",
         "algorithm.micro_batch_prompts=1", "optim.lr=1e-3", "progress=false", "save_steps=0",
         "dvrp.anneal_steps=4"]
 

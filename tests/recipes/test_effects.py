@@ -57,7 +57,7 @@ def _accuracy(model_dir, data, **overrides) -> float:
 def _grpo(out, start, train, reward: str) -> None:
     assert main(["train", "grpo", f"output_dir={out}", f"model.name_or_path={start}",
                  f"data.train={train}", "max_steps=60", "save_steps=0", "rollout.num_generations=8",
-                 "rollout.max_new_tokens=40", "algorithm.prompts_per_step=8",
+                 "rollout.max_new_tokens=40", "prompts_per_step=8",
                  "algorithm.micro_batch_prompts=4", "optim.lr=3e-4", "progress=false",
                  "heldout_eval=false", f"algorithm.reward={reward}", "seed=0"]) == 0
 
@@ -72,8 +72,8 @@ def test_grpo_raises_heldout_accuracy_where_an_uninformative_reward_does_not(tmp
     heldout = build_dataset("color", 128, 99, tmp_path / "heldout")
     sft = tmp_path / "sft"
     assert main(["train", "sft", f"output_dir={sft}", f"data.train={train}", "max_steps=90",
-                 "optim.lr=2e-3", "optim.warmup_steps=10", "sft.batch_size=16",
-                 "sft.micro_batch_size=16", "progress=false"]) == 0
+                 "optim.lr=2e-3", "optim.warmup_steps=10", "prompts_per_step=16",
+                 "sft.micro_batch_prompts=16", "progress=false"]) == 0
     _grpo(tmp_path / "grpo", sft / "final", train, "format_accuracy")
     _grpo(tmp_path / "control", sft / "final", train, "effect_rewards:coin_accuracy")
 

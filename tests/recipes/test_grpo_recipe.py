@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from vlreason.cli import main
 
 FAST = ["max_steps=4", "rollout.num_generations=4", "rollout.max_new_tokens=40",
-        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
+        "prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
         "heldout_eval=false"]
 
 
@@ -59,7 +59,7 @@ def test_grpo_run_directory_contents_and_trainable_weights_change(tmp_path):
 def test_fresh_run_into_an_earlier_run_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     args = [f"output_dir={run}", "max_steps=1", "rollout.num_generations=2", "rollout.max_new_tokens=4",
-            "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1", "heldout_eval=false"]
+            "prompts_per_step=1", "algorithm.micro_batch_prompts=1", "heldout_eval=false"]
     assert main(["train", "grpo", *args]) == 0
     assert main(["train", "grpo", *args]) == 2
     assert "pass resume=auto to continue it, overwrite=true to start over" in capsys.readouterr().err
@@ -81,7 +81,7 @@ def _run_cli(args: list[str]) -> subprocess.Popen:
 
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     args = ["max_steps=6", "rollout.num_generations=4", "rollout.max_new_tokens=40",
-            "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
+            "prompts_per_step=2", "algorithm.micro_batch_prompts=1", "optim.lr=1e-3",
             "optim.schedule=cosine", "optim.warmup_steps=2", "algorithm.kl_coef=0.01",
             "heldout_eval=false"]
     straight = tmp_path / "straight"
@@ -172,7 +172,7 @@ def test_dapo_paper_config_carries_dapos_numbers_and_a_source_on_every_value():
     assert (a.clip_low, a.clip_high, a.kl_coef, a.aggregation) == (0.2, 0.28, 0.0, "token-mean")
     assert (a.dynamic_sampling, a.overlong_cache, cfg.rollout.max_new_tokens) == (True, 4096, 20480)
     # 512 prompts x 16 responses a rollout, 16 updates of 32 prompts
-    assert (a.prompts_per_step * a.mini_batches, cfg.rollout.num_generations, a.updates_per_rollout) == (512, 16, 16)
+    assert (cfg.prompts_per_step * a.mini_batches, cfg.rollout.num_generations, a.updates_per_rollout) == (512, 16, 16)
     assert cfg.optim.lr == 1e-6 and cfg.save_steps % a.updates_per_rollout == 0
     for line in path.read_text().splitlines():  # every number and switch names its source
         key, _, value = line.split("#")[0].partition(":")

@@ -12,7 +12,7 @@ import pytest
 from vlreason.cli import main
 
 FAST = ["max_steps=2", "rollout.num_generations=2", "rollout.max_new_tokens=16",
-        "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1",
+        "prompts_per_step=2", "algorithm.micro_batch_prompts=1",
         "eval.limit=6", "eval.num_samples=2", "eval.max_new_tokens=16", "progress=false"]
 
 

@@ -24,7 +24,7 @@ from vlreason.recipe_base import run_recipe
 from vlreason.train.metrics import StepTimer
 from vlreason.views import crop_to_box
 
-FAST = ["rollout.num_generations=2", "rollout.max_new_tokens=24", "algorithm.prompts_per_step=2",
+FAST = ["rollout.num_generations=2", "rollout.max_new_tokens=24", "prompts_per_step=2",
         "algorithm.micro_batch_prompts=1", "optim.lr=1e-3", "progress=false", "trackers=[jsonl]", "keep_last=0"]
 
 
@@ -189,7 +189,7 @@ def test_rows_without_a_box_are_skipped_and_counted_or_use_the_full_image(recipe
     without = {**with_box, "id": "no-box", "boxes": []}
     old_stream = recipe.stream
     try:
-        recipe.cfg.algorithm.prompts_per_step = 2
+        recipe.cfg.prompts_per_step = 2
         recipe.stream = RowStream([without, with_box], seed=0, shuffle=False)
         before = recipe.no_box_rows
         student, teacher = recipe.next_prompts(0)
@@ -266,7 +266,7 @@ def test_bf16_teacher_accumulates_its_ema_in_an_fp32_shadow_and_saves_it(tmp_pat
 @pytest.mark.slow
 def test_student_jsd_to_the_teacher_falls(tmp_path):
     run = tmp_path / "learn"
-    _run(run, "max_steps=10", "teacher.ema=0", "algorithm.prompts_per_step=4", "rollout.num_generations=4")
+    _run(run, "max_steps=10", "teacher.ema=0", "prompts_per_step=4", "rollout.num_generations=4")
     jsd = [r["jsd"] for r in _metrics(run)]
     first, last = sum(jsd[:3]) / 3, sum(jsd[-3:]) / 3
     assert last < first, jsd

@@ -27,10 +27,10 @@ from vlreason.rewards.combine import REWARDS, hard_format_and_correct
 REPO = Path(__file__).parents[2]
 
 # A short schedule for the tests: 3 cold-start steps, then 24 x 4 and 48 x 2 (budget 96).
-SHORT = ["cold_start.steps=3", "cold_start.batch_size=4", "cold_start.micro_batch_size=4",
+SHORT = ["cold_start.steps=3", "cold_start.prompts_per_step=4", "cold_start.micro_batch_prompts=4",
          "ptst.stages=[{name: stage1, max_new_tokens: 24, num_generations: 4, steps: 2},"
          " {name: stage2, max_new_tokens: 48, num_generations: 2, steps: 2}]",
-         "algorithm.prompts_per_step=2", "algorithm.micro_batch_prompts=1",
+         "prompts_per_step=2", "algorithm.micro_batch_prompts=1",
          "eval.limit=4", "eval.max_new_tokens=24", "progress=false"]
 
 
@@ -220,9 +220,9 @@ def test_cold_start_then_ptst_stages_then_eval(tmp_path):
 def test_lora_cold_start_keeps_its_adapter_as_the_reference(tmp_path):
     run = tmp_path / "lora"
     assert main(["train", "vision_r1", f"output_dir={run}", "model.lora.enabled=true", "model.lora.r=4",
-                 "cold_start.steps=2", "cold_start.batch_size=2", "cold_start.micro_batch_size=2",
+                 "cold_start.steps=2", "cold_start.prompts_per_step=2", "cold_start.micro_batch_prompts=2",
                  "ptst.stages=[{name: s1, max_new_tokens: 8, num_generations: 2, steps: 1}]",
-                 "algorithm.prompts_per_step=1", "stage_eval=false", "progress=false"]) == 0
+                 "prompts_per_step=1", "stage_eval=false", "progress=false"]) == 0
     records = _metrics(run)
     assert [r["stage"] for r in records] == ["cold_start", "cold_start", "s1"]
     assert records[2]["kl"] == pytest.approx(0.0, abs=1e-7)  # reference = cold-start adapter, not the base
@@ -313,11 +313,11 @@ def test_ptst_raises_heldout_accuracy_over_cold_start_alone(tmp_path):
     heldout = build_dataset("color", 128, 99, tmp_path / "heldout")
     run = tmp_path / "run"
     assert main(["train", "vision_r1", f"output_dir={run}", f"data.train={train}", f"data.eval={heldout}",
-                 "cold_start.steps=90", "cold_start.lr=2e-3", "cold_start.batch_size=16",
-                 "cold_start.micro_batch_size=16",
+                 "cold_start.steps=90", "cold_start.lr=2e-3", "cold_start.prompts_per_step=16",
+                 "cold_start.micro_batch_prompts=16",
                  "ptst.stages=[{name: stage1, max_new_tokens: 24, num_generations: 8, steps: 30},"
                  " {name: stage2, max_new_tokens: 48, num_generations: 4, steps: 30}]",
-                 "algorithm.prompts_per_step=8", "algorithm.micro_batch_prompts=4", "optim.lr=3e-4",
+                 "prompts_per_step=8", "algorithm.micro_batch_prompts=4", "optim.lr=3e-4",
                  "eval.temperature=1.0", "eval.num_samples=4", "eval.max_new_tokens=48", "progress=false"]) == 0
     evals = {e["stage"]: e for e in map(json.loads, (run / "eval_stages.jsonl").read_text().splitlines())}
     before, after = evals["cold_start"], evals["stage2"]

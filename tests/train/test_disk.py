@@ -145,7 +145,7 @@ def test_cli_refuses_a_run_without_room_for_a_checkpoint(tmp_path, monkeypatch, 
     monkeypatch.setattr(disk, "free_bytes", lambda path: 1024)
     run = tmp_path / "run"
     assert main(["train", "grpo", f"output_dir={run}", "max_steps=1", "rollout.num_generations=2",
-                 "rollout.max_new_tokens=4", "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1",
+                 "rollout.max_new_tokens=4", "prompts_per_step=1", "algorithm.micro_batch_prompts=1",
                  "heldout_eval=false"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and f"not enough free space in {run / 'checkpoints'}" in err[0], err

@@ -29,6 +29,7 @@ class ScriptedPolicy:
         self.rollout = SimpleNamespace(num_generations=G, max_new_tokens=max_new_tokens,
                                        prompt=SimpleNamespace(max_prompt_tokens=100))
         self.sampling_temperature = 1.0
+        self.processor = SimpleNamespace(tokenizer=None)  # no special tokens to refuse
         self.theta = torch.nn.Parameter(torch.tensor(-0.1))
         self.sampled = []  # ids of the rows sampled, round by round
         self.limits = []  # max_new_tokens of every sample() call
@@ -64,11 +65,11 @@ def row(i, texts, lengths=(3, 3)):
     return {"id": f"r{i}", "question": "q", "answer": "a", "images": [], "texts": list(texts), "lengths": list(lengths)}
 
 
-def phases(rows, policy=None, **cfg):
+def phases(rows, policy=None, prompts_per_step=4, **cfg):
     policy = policy or ScriptedPolicy()
     cfg = GRPOConfig(micro_batch_prompts=1, reward="accuracy", **cfg)
     cfg.validate()
-    p = GRPOPhases(cfg, policy, RowStream(rows, seed=0, shuffle=False), seed=0)
+    p = GRPOPhases(cfg, policy, RowStream(rows, seed=0, shuffle=False), seed=0, prompts_per_step=prompts_per_step)
     p.reward_fn = lambda text, answer, **info: float(text == answer)
     return p, policy
 

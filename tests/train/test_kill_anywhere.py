@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 4
 ARGS = [f"max_steps={MAX_STEPS}", "save_steps=1", "keep_last=2", "rollout.num_generations=4",
-        "rollout.max_new_tokens=24", "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1",
+        "rollout.max_new_tokens=24", "prompts_per_step=1", "algorithm.micro_batch_prompts=1",
         "algorithm.reward=format", "optim.lr=1e-3", "heldout_eval=false", "progress=false",
         "trackers=[jsonl]"]
 
@@ -260,8 +260,8 @@ def test_sigkill_anywhere_in_a_two_process_sharded_run(tmp_path):
     """The same on two processes with FSDP2 (every process writes its own DCP shard), with
     two kills (during the update, inside the DCP write) to keep it shorter: each lands in
     a random one of the processes, and the other is then killed too, as torchrun does."""
-    args = [a for a in ARGS if not a.startswith("algorithm.prompts_per_step")]
-    root = _kill_and_resume(tmp_path, [*args, "algorithm.prompts_per_step=2", "parallel.strategy=fsdp2"],
+    args = [a for a in ARGS if not a.startswith("prompts_per_step")]
+    root = _kill_and_resume(tmp_path, [*args, "prompts_per_step=2", "parallel.strategy=fsdp2"],
                             MAX_STEPS, "update,checkpoint-write", world=2)
     shards = sorted(p.name for p in (root / f"step-{MAX_STEPS}" / "state").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]

@@ -56,7 +56,7 @@ def _policy(dtype: str):
     policy = Policy.load(ModelConfig(name_or_path=str(warm_model()), dtype=dtype),
                          RolloutConfig(num_generations=4, max_new_tokens=16))
     stream = RowStream(load_canonical(demo_data("train")), seed=0)
-    return policy, GRPOPhases(GRPOConfig(), policy, stream, seed=0)
+    return policy, GRPOPhases(GRPOConfig(), policy, stream, seed=0, prompts_per_step=4)
 
 
 def _update_norm(tmp_path, rollout, dtype: str, bf16_masters: bool = False) -> float:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["max_steps=4", "save_steps=2", "keep_last=0", "progress=false", "rollout.num_generations=4",
-        "rollout.max_new_tokens=8", "algorithm.prompts_per_step=4", "algorithm.micro_batch_prompts=1",
+        "rollout.max_new_tokens=8", "prompts_per_step=4", "algorithm.micro_batch_prompts=1",
         "optim.lr=1e-3", "algorithm.reward=tests.train.test_parallel:text_length_reward",
         "heldout_eval=false"]
 ATOL, RTOL = 1e-5, 1e-4

@@ -51,20 +51,19 @@ from vlreason.algorithms import (
 )
 from vlreason.algorithms.dapo import informative_groups, overlong_penalty, plan_refill, take_first
 from vlreason.config import doc
-from vlreason.data.stream import RowStream, shard
+from vlreason.data.stream import RowStream
 from vlreason.rewards import get_reward
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
-from vlreason.rollout.prompts import decode_row_images, refuse_special_tokens
 from vlreason.train.distributed import all_reduce, global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer
+from vlreason.train.rows import RowGate, none_usable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GRPOConfig:
-    prompts_per_step: int = doc("Prompts per optimizer step, over all processes.", 4)
     micro_batch_prompts: int = doc("Prompts (x G completions) per forward/backward micro-batch.", 2)
     advantage: str = doc("grpo (normalise by group std) | drgrpo (no std).", "grpo")
     clip_low: float = doc("PPO clip epsilon below 1.", 0.2)
@@ -99,8 +98,8 @@ class GRPOConfig:
             raise ValueError(f"algorithm.policy_loss must be one of {list(POLICY_LOSSES)}, got '{self.policy_loss}'")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"algorithm.kl_estimator must be one of {list(KL_ESTIMATORS)}")
-        if self.prompts_per_step < 1 or self.micro_batch_prompts < 1:
-            raise ValueError("algorithm.prompts_per_step and micro_batch_prompts must be >= 1")
+        if self.micro_batch_prompts < 1:
+            raise ValueError("algorithm.micro_batch_prompts must be >= 1")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError("algorithm.dynamic_sampling_max_rounds must be >= 1")
         if self.overlong_cache < 0 or self.overlong_penalty_factor < 0:
@@ -158,14 +157,15 @@ class _Rollout:
 
 
 class GRPOPhases:
-    def __init__(self, cfg: GRPOConfig, policy: Policy, stream: RowStream, seed: int):
+    def __init__(self, cfg: GRPOConfig, policy: Policy, stream: RowStream, seed: int, *, prompts_per_step: int):
         self.cfg = cfg
+        self.prompts_per_step = prompts_per_step  # the run's prompts_per_step (RunConfig)
         self.policy = policy
         self.stream = stream
         self.seed = seed
         self.reward_fn = get_reward(cfg.reward)
         self.kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
-        self.skipped_rows = 0
+        self.rows = RowGate(stream, policy.processor.tokenizer)
         self.max_tokens = policy.rollout.max_new_tokens  # the Dr.GRPO constant of the current rollout
         self.current: _Rollout | None = None
         self.capture_old = False  # the first update of a reused rollout records logp_old
@@ -173,41 +173,29 @@ class GRPOPhases:
             log.warning("rollout.num_generations=1: every group has one completion, so every "
                         "group-normalised advantage is 0 and GRPO cannot learn; use G >= 2")
 
-    def next_prompts(self, step: int, count: int | None = None):
-        """This process's share of the next ``count`` (default ``prompts_per_step``) prompts.
-        Rows whose image no longer decodes or whose prompt is too long are reported, counted
-        and left out (never silently dropped, never a crash, never cut through image tokens).
-        ``self.prompt_index`` holds each kept prompt's index in the round's global list."""
-        rank, size = world()
-        rows, images, index = [], [], []
-        step_rows = self.stream.next_rows(count or self.cfg.prompts_per_step)
-        for i in shard(list(range(len(step_rows))), rank, size):
-            row = step_rows[i]
-            try:
-                refuse_special_tokens(row, getattr(getattr(self.policy, "processor", None), "tokenizer", None))
-                images.append(decode_row_images(row))
-                rows.append(row)
-                index.append(i)
-            except ValueError as err:
-                self.skip(step, row, str(err))
-        limit = self.policy.rollout.prompt.max_prompt_tokens
-        prompts = self.policy.prompts(rows, images=images) if rows else None
-        if prompts is not None and bool((prompts.attention_mask_PT.sum(-1) > limit).any()):
-            lengths = prompts.attention_mask_PT.sum(-1).tolist()
-            keep = [i for i, n in enumerate(lengths) if n <= limit]
-            for i in sorted(set(range(len(rows))) - set(keep)):
-                self.skip(step, rows[i], f"prompt has {lengths[i]} tokens (image tokens included) > "
-                          f"rollout.prompt.max_prompt_tokens={limit}; prompts are never cut through image tokens")
-            rows, images, index = [rows[i] for i in keep], [images[i] for i in keep], [index[i] for i in keep]
-            prompts = self.policy.prompts(rows, images=images) if rows else None
-        if prompts is None:
-            raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
-        self.prompt_index = index
-        return prompts
+    @property
+    def skipped_rows(self) -> int:
+        return self.rows.skipped
 
-    def skip(self, step: int, row: dict[str, Any], reason: str) -> None:
-        self.skipped_rows += 1
-        log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), reason)
+    @skipped_rows.setter
+    def skipped_rows(self, value: int) -> None:
+        self.rows.skipped = value
+
+    def next_prompts(self, step: int, count: int | None = None):
+        """This process's share of the next ``count`` (default ``prompts_per_step``) prompts,
+        through the row gate (unusable rows and prompts over the length limit are reported,
+        counted and left out). ``self.prompt_index`` holds each kept prompt's index in the
+        round's global list."""
+        taken = self.rows.draw(step, count or self.prompts_per_step)
+        prompts = self.policy.prompts(taken.rows, images=taken.images) if taken.rows else None
+        limit = self.policy.rollout.prompt.max_prompt_tokens
+        if prompts is not None and bool((prompts.attention_mask_PT.sum(-1) > limit).any()):
+            taken = self.rows.within_limit(step, taken, prompts.attention_mask_PT.sum(-1).tolist(), limit)
+            prompts = self.policy.prompts(taken.rows, images=taken.images) if taken.rows else None
+        if prompts is None:
+            raise none_usable(step)
+        self.prompt_index = taken.index
+        return prompts
 
     # ---- a step's batch: a fresh rollout, or the next mini-batch of the current one ------
     def prepare(self, step: int, timer: StepTimer, *, num_generations: int | None = None,
@@ -238,7 +226,7 @@ class GRPOPhases:
         """Sample (in rounds, with dynamic sampling), score, shape, filter; then cut into
         mini-batches and micro-batches, with reference and (for K > 1) old log-probs."""
         cfg = self.cfg
-        per_round = cfg.prompts_per_step * cfg.mini_batches
+        per_round = self.prompts_per_step * cfg.mini_batches
         rounds: list[tuple[RolloutBatch, list[int], list[bool]]] = []  # batch, global prompt index, global flags
         while True:
             r = len(rounds)

@@ -54,6 +54,7 @@ from vlreason.train.parallel import (
 )
 from vlreason.train.schedule import build_optimizer, build_scheduler
 from vlreason.train.signals import GracefulStop
+from vlreason.train.weights import copy_tensors_
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class LoopConfig:
                                      metadata={"help": "How the model runs over processes (none, DDP, FSDP2)."})
 
 
-class Recipe(Protocol):
+class RecipeHooks(Protocol):
+    """What the loop calls on a recipe (``vlreason.recipe_base.Recipe`` is the base that
+    implements it with defaults; a recipe need not subclass it)."""
+
     model: torch.nn.Module
 
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]: ...
@@ -123,7 +127,7 @@ def mean_metrics(metric_list: list[dict[str, Any]]) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: LoopConfig, recipe: Recipe, *, full_config: Any = None, save_final=None,
+    def __init__(self, cfg: LoopConfig, recipe: RecipeHooks, *, full_config: Any = None, save_final=None,
                  lr_lambda: Callable[[int], float] | None = None):
         """``lr_lambda(step)`` replaces the warm-up + cosine/constant schedule of
         ``cfg.optim`` (a multiplier of ``cfg.optim.lr`` as a function of the global step),
@@ -208,13 +212,8 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def load_plain(self, path: Path, model_state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.trainable_state()) - set(model_state)
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks trainable parameters, e.g. {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, param in self.recipe.model.named_parameters():
-                if name in model_state:
-                    param.copy_(model_state[name].to(param.device, param.dtype))
+        copy_tensors_(self.recipe.model.named_parameters(), model_state, source=f"checkpoint {path}",
+                      required=self.trainable_state())
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:

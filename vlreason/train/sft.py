@@ -17,20 +17,21 @@ import torch
 
 from vlreason.algorithms import aggregate, aggregate_sum_and_count
 from vlreason.config import doc
-from vlreason.data.stream import RowStream, shard
+from vlreason.data.stream import RowStream
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
-from vlreason.rollout.prompts import decode_row_images, refuse_special_tokens, tokenize_targets
+from vlreason.rollout.prompts import tokenize_targets
 from vlreason.train.distributed import global_sum, world
 from vlreason.train.metrics import StepTimer
+from vlreason.train.rows import RowGate, none_usable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SFTConfig:
-    batch_size: int = doc("Rows per optimizer step, over all processes.", 8)
-    micro_batch_size: int = doc("Rows per forward/backward micro-batch.", 8)
+    micro_batch_prompts: int = doc("Rows per forward/backward micro-batch (the rows per optimizer "
+                                   "step are the run's prompts_per_step).", 8)
     target: str = doc("solution (the row's full reference response) | answer (the bare answer).", "solution")
     answer_template: str = doc("Target text when target=answer; {answer} is replaced.", "{answer}")
     max_target_tokens: int = doc("Targets are cut to this many tokens (counted in metrics).", 512)
@@ -38,6 +39,8 @@ class SFTConfig:
     def validate(self) -> None:
         if self.target not in ("solution", "answer"):
             raise ValueError("sft.target must be 'solution' or 'answer'")
+        if self.micro_batch_prompts < 1:
+            raise ValueError("sft.micro_batch_prompts must be >= 1")
 
 
 def target_text(row: dict[str, Any], cfg: SFTConfig) -> str:
@@ -49,23 +52,13 @@ def target_text(row: dict[str, Any], cfg: SFTConfig) -> str:
 
 
 class SFTPhases:
-    def __init__(self, cfg: SFTConfig, policy: Policy, stream: RowStream):
+    def __init__(self, cfg: SFTConfig, policy: Policy, stream: RowStream, *, prompts_per_step: int):
         self.cfg = cfg
         self.policy = policy
         self.stream = stream
-
-    def usable(self, step: int, row: dict[str, Any]) -> list | None:
-        """The row's decoded images, or None (warning, counted) when the row cannot be
-        used: an image that does not decode, a special token written in its text, no
-        target."""
-        try:
-            images = decode_row_images(row)
-            refuse_special_tokens(row, self.policy.processor.tokenizer)
-            target_text(row, self.cfg)
-        except ValueError as err:
-            log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
-            return None
-        return images
+        self.prompts_per_step = prompts_per_step  # the run's (or the phase's) rows per optimizer step
+        # a row is usable when its images decode, its text holds no special token, and it has a target
+        self.rows = RowGate(stream, policy.processor.tokenizer, check=lambda row: target_text(row, cfg))
 
     def batch_for(self, rows: list[dict[str, Any]], images: list | None = None) -> RolloutBatch:
         prompts = self.policy.prompts(rows, images=images)
@@ -78,21 +71,17 @@ class SFTPhases:
         )
 
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:
-        rank, size = world()
         with timer("data"):
-            drawn = shard(self.stream.next_rows(self.cfg.batch_size), rank, size)
-            checked = [(row, self.usable(step, row)) for row in drawn]
-            rows = [row for row, images in checked if images is not None]
-            images = [images for _, images in checked if images is not None]
-            if not rows:
-                raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
-            size_ = self.cfg.micro_batch_size
-            micro = [self.batch_for(rows[i : i + size_], images[i : i + size_]) for i in range(0, len(rows), size_)]
+            taken = self.rows.draw(step, self.prompts_per_step)
+            if not taken.rows:
+                raise none_usable(step)
+            rows, images, size = taken.rows, taken.images, self.cfg.micro_batch_prompts
+            micro = [self.batch_for(rows[i : i + size], images[i : i + size]) for i in range(0, len(rows), size)]
         tokens = sum(int(b.completion_mask_NT.sum()) for b in micro)
         self.normaliser = global_sum(tokens)
         truncated = sum(int(b.truncated_N.sum()) for b in micro)
         return micro, {"target_tokens": tokens, "target_truncated": truncated, "data/epoch": self.stream.epoch,
-                       "data/skipped_rows_step": len(drawn) - len(rows)}
+                       "data/skipped_rows_step": taken.skipped, "data/skipped_rows": self.rows.skipped}
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         out = self.policy.token_outputs(batch)
