@@ -227,7 +227,8 @@ def preprocess(
         cause = disk_error(err)
         if cause is None:
             raise
-        was = "the dataset already there is unchanged" if out.exists() else "nothing was written there"
+        held = out.is_file() or (out.is_dir() and any(out.iterdir()))  # the CLI makes an empty --out
+        was = "the dataset already there is unchanged" if held else "nothing was written there"
         raise PreprocessWriteError(
             f"cannot write the dataset to {out}: {cause.strerror or cause} (after reading {report.total} "
             f"rows); {was}; free space on that file system, then run again"
