@@ -67,6 +67,12 @@ Input formats (``fmt``; ``"auto"`` picks by what the path is):
 
     Images in the folder that no label names are reported as ``image without label``
     (with ``line`` null).
+
+Disk full: everything is written in a temporary folder beside ``out_dir`` and moved
+into place only when complete, so a write that fails for lack of space (``ENOSPC``, a
+quota, a read-only file system) removes that folder, leaves ``out_dir`` as it was (a
+dataset already there with ``overwrite`` included) and raises
+:class:`~data_pipelines.report.PreprocessWriteError` naming ``out_dir``.
 """
 
 from __future__ import annotations
@@ -86,7 +92,14 @@ import datasets
 from datasets.arrow_writer import ArrowWriter
 from tqdm import tqdm
 
-from data_pipelines.report import REPORT_NAME, PreprocessError, RawRow, Rejection, Report
+from data_pipelines.report import (
+    REPORT_NAME,
+    PreprocessError,
+    PreprocessWriteError,
+    RawRow,
+    Rejection,
+    Report,
+)
 from data_pipelines.sources import (
     FORMATS,
     IMAGE_SUFFIXES,
@@ -116,6 +129,7 @@ from data_pipelines.validate import (
 )
 from vlreason.data.images import DEFAULT_MAX_PIXELS
 from vlreason.data.schema import FEATURES, save_canonical
+from vlreason.outputs import disk_error
 
 __all__ = [
     "BOX_INVERTED",
@@ -136,6 +150,7 @@ __all__ = [
     "REPORT_NAME",
     "Columns",
     "PreprocessError",
+    "PreprocessWriteError",
     "RawRow",
     "Rejection",
     "Report",
@@ -199,16 +214,28 @@ def preprocess(
     report = Report(source=str(source), format=fmt, source_name=name)
     show = sys.stderr.isatty() if progress is None else progress
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         rows_file = work / "rows.arrow"
         _write_rows(
             opened, settings, report, rows_file, num_proc=num_proc, strict=strict, show=show
         )
         _publish(rows_file, report, work / "dataset", out)
+    except OSError as err:
+        cause = disk_error(err)
+        if cause is None:
+            raise
+        held = out.is_file() or (out.is_dir() and any(out.iterdir()))  # the CLI makes an empty --out
+        was = "the dataset already there is unchanged" if held else "nothing was written there"
+        raise PreprocessWriteError(
+            f"cannot write the dataset to {out}: {cause.strerror or cause} (after reading {report.total} "
+            f"rows); {was}; free space on that file system, then run again"
+        ) from err
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return report
 
 

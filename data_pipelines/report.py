@@ -20,6 +20,11 @@ class PreprocessError(RuntimeError):
     """A fatal problem: bad arguments, an unreadable source, or a bad row in strict mode."""
 
 
+class PreprocessWriteError(PreprocessError):
+    """The output could not be written (disk full, quota, read-only file system); the
+    message names the output folder, which was left as it was."""
+
+
 @dataclass(frozen=True)
 class RawRow:
     """A row as read from the source, not yet validated; ``line`` locates it in the report."""

@@ -253,9 +253,10 @@ def _read_folder(folder: Path, labels: Path) -> list[RawRow | Rejection]:
         raise PreprocessError(f"labels file not found: {labels}")
     rows = list(_read_labels(labels))
     named = {
-        (folder / r.fields["image"]).resolve()
+        path
         for r in rows
         if isinstance(r, RawRow) and isinstance(r.fields.get("image"), str)
+        and (path := _resolved(folder, r.fields["image"])) is not None
     }
     unlabelled = [
         Rejection(None, None, p.relative_to(folder).as_posix(), NO_LABEL, f"not in {labels.name}")
@@ -263,6 +264,15 @@ def _read_folder(folder: Path, labels: Path) -> list[RawRow | Rejection]:
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve() not in named
     ]
     return rows + unlabelled
+
+
+def _resolved(folder: Path, name: str) -> Path | None:
+    """``folder / name`` resolved, or None for a name no file can have (a NUL byte, a
+    lone surrogate); the row check rejects such a row with its reason."""
+    try:
+        return (folder / name).resolve()
+    except (ValueError, OSError):  # UnicodeEncodeError is a ValueError
+        return None
 
 
 def _read_labels(labels: Path) -> Iterator[RawRow | Rejection]:
@@ -329,7 +339,9 @@ def _read_labels_json(path: Path) -> Iterator[RawRow | Rejection]:
     try:
         data = json.loads(path.read_bytes())
     except ValueError as err:
-        raise PreprocessError(f"{path} is not valid JSON: {err}") from err
+        raise PreprocessError(f"{path} is not valid JSON: {str(err)[:200]}") from err
+    except RecursionError:
+        raise PreprocessError(f"{path} is not usable: JSON nested too deeply") from None
     if isinstance(data, dict):  # file name -> answer, or file name -> fields
         for position, (name, value) in enumerate(data.items(), start=1):
             fields = value if isinstance(value, dict) else {"answer": value}

@@ -5,7 +5,10 @@ update, and in the middle of a checkpoint write (torch's DCP writer half-way thr
 ``resume=auto``. Every restart finds a complete checkpoint (never a
 half-written one), and the run ends with the same weights and the same metrics lines (no
 duplicates, no gaps) as an uninterrupted run. The same on two processes with FSDP2
-(sharded checkpoints), killed twice (update, DCP write), each time in a random process.
+(sharded checkpoints), killed three times (rollout, update, DCP write), each time in a
+random process. The kill points between the metrics line, the rename into place, the
+``latest`` pointer and pruning are exercised on a toy model through the same loop and
+checkpoint code (fast: forked children, no model to load).
 
 Each run is a child forked from a zygote that has done the imports (see ZYGOTE). In the
 child one function of the run (the policy's sampler, the gradient clipping before the
@@ -15,6 +18,7 @@ drawn from a seed that is printed (set ``VLREASON_KILL_SEED`` to replay one)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -171,8 +175,9 @@ class Zygote:
 
 
 # (point, range of N): a life gains at most one step, so every kill lands. The points
-# after the step's metrics line, after the rename into place and before pruning are
-# there for replaying by hand (VLREASON_KILL_POINTS=after-publish,update,...).
+# after the step's metrics line, after the rename into place and before pruning run in CI
+# on the toy model (the last test below); here they are for replaying by hand
+# (VLREASON_KILL_POINTS=after-publish,update,...).
 POINTS = {"rollout": (1, 2), "update": (1, 2), "checkpoint-write": (1, 40),
           "after-metrics": (1, 2), "after-publish": (1, 2), "before-prune": (1, 1)}
 
@@ -258,10 +263,134 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_sigkill_anywhere_in_a_two_process_sharded_run(tmp_path):
     """The same on two processes with FSDP2 (every process writes its own DCP shard), with
-    two kills (during the update, inside the DCP write) to keep it shorter: each lands in
-    a random one of the processes, and the other is then killed too, as torchrun does."""
+    three kills (a few ms into a rollout, during the update, inside the DCP write): each
+    lands in a random one of the processes, and the other is then killed too, as torchrun
+    does (a process killed mid-rollout leaves the other waiting in a collective)."""
     args = [a for a in ARGS if not a.startswith("prompts_per_step")]
     root = _kill_and_resume(tmp_path, [*args, "prompts_per_step=2", "parallel.strategy=fsdp2"],
-                            MAX_STEPS, "update,checkpoint-write", world=2)
+                            MAX_STEPS, "rollout,update,checkpoint-write", world=2)
     shards = sorted(p.name for p in (root / f"step-{MAX_STEPS}" / "state").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+# ------------------------------------------------ the remaining kill points, on a toy model
+
+
+class _Toy:
+    """Fits y = 2x + 1 with a small layer; its data position is part of the run's state."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 1)
+        self.position = 0
+
+    def prepare(self, step, timer):
+        self.position += 1
+        x = torch.rand(2, 4)  # the RNG state is checkpointed, so a resume draws the same
+        return [(x, 2 * x.sum(1, keepdim=True) + 1)], {"data/position": self.position}
+
+    def step(self, micro):
+        x, y = micro
+        return ((self.model(x) - y) ** 2).mean(), {}
+
+    def after_update(self, step):
+        return None
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def save_final(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().clone() for n, p in self.model.named_parameters()}, str(folder / "model.safetensors"))
+
+
+def _toy_targets() -> dict:
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    import vlreason.train.checkpoint as checkpoint
+    import vlreason.train.loop as loop
+    import vlreason.train.metrics as metrics
+
+    return {  # (owner, name, when), as in ZYGOTE
+        "after-metrics": (metrics.MetricsLogger, "log", "after"),
+        "after-publish": (checkpoint, "_publish", "after"),  # checkpoints, and final/
+        "before-prune": (checkpoint, "_prune", "before"),
+        "update": (loop, "grad_norm_and_clip", "before"),  # for replaying by hand (the GRPO tests
+        "checkpoint-write": (dcp_fs, "_write_item", "before"),  # above run these two)
+    }
+
+
+def _toy_life(run: Path, max_steps: int, kill: tuple[str, int] | None, resume: bool) -> int:
+    """One life of a toy run in a forked child; its exit code (-9: SIGKILL)."""
+    from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+
+    pid = os.fork()
+    if pid == 0:  # the child: wrap the kill point, train, never return into pytest
+        code = 1
+        try:
+            if kill is not None:
+                owner, name, when = _toy_targets()[kill[0]]
+                real, calls = getattr(owner, name), [0]
+
+                def wrapper(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == kill[1] and when == "before":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    out = real(*args, **kwargs)
+                    if calls[0] == kill[1] and when == "after":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return out
+
+                setattr(owner, name, wrapper)
+            cfg = LoopConfig(output_dir=str(run), trackers=["jsonl"], progress=False, max_steps=max_steps,
+                             save_steps=1, keep_last=2, resume="auto" if resume else "",
+                             optim=OptimConfig(lr=0.05, max_grad_norm=1.0))
+            recipe = _Toy()
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                Trainer(cfg, recipe, save_final=recipe.save_final).fit()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_sigkill_between_metrics_publish_pointer_and_prune_on_a_toy_model(tmp_path):
+    """SIGKILL after a step's metrics line (before its checkpoint), after step-N is renamed
+    into place (before ``latest`` names it; also after final/ is) and before pruning, in a
+    random order at random calls, then ``resume=auto``: every restart starts from a
+    complete checkpoint, and the run ends with the weights and metrics lines of an
+    uninterrupted run, two checkpoints kept and nothing left over."""
+    seed = int(os.environ.get("VLREASON_KILL_SEED", random.randrange(2**31)))
+    rng = random.Random(seed)
+    points = os.environ.get("VLREASON_KILL_POINTS", "after-metrics,after-publish,before-prune").split(",")
+    rng.shuffle(points)
+    schedule = [(p, rng.randint(1, 4 if p == "checkpoint-write" else 2)) for p in points]
+    about = f"VLREASON_KILL_SEED={seed} schedule={schedule}"
+    max_steps = 2 * len(schedule) + 2  # a life gains at most two steps, so every kill lands
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports torch._dynamo (~10 s) once, not per child
+    assert _toy_life(tmp_path / "straight", max_steps, None, resume=False) == 0
+    run, history = tmp_path / "killed", []
+    for life, kill in enumerate([*schedule, None]):
+        code = _toy_life(run, max_steps, kill, resume=life > 0)
+        history.append((kill, code))
+        if kill is None:
+            assert code == 0, (about, history)
+            break
+        assert code == -signal.SIGKILL, (about, history)
+        found = resolve_resume(run, "auto")
+        assert found is None or (is_complete(found) and ".tmp-" not in found.name), (about, found)
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, about)
+    ma, mb = _metrics(tmp_path / "straight"), _metrics(run)
+    assert [r["step"] for r in mb] == list(range(1, max_steps + 1)), (about, history)
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb], about
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest", f"step-{max_steps - 1}", f"step-{max_steps}"], about
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"], about

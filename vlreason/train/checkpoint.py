@@ -27,6 +27,11 @@ A save that fails for lack of space (``ENOSPC``, a quota, a read-only file syste
 raises :class:`vlreason.train.disk.CheckpointWriteError` naming the folder and the newest
 complete checkpoint, which the failed save never touched.
 
+The final model, ``RUN_DIR/final/``, is published the same way (:func:`write_final`:
+written into ``final.tmp-<id>/``, renamed into place): a failed or killed write leaves
+a ``final/`` that was there as it was, and a write that fails for lack of space raises
+:class:`vlreason.train.disk.FinalWriteError` naming the folder.
+
 With ``model=`` (the loop's path) every process calls :func:`save_checkpoint` and
 :func:`load_checkpoint`; DCP reshards on load, so a checkpoint written by N processes
 resumes on M. With only ``model_state=`` call them on one process.
@@ -52,10 +57,11 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
-from vlreason.train.disk import CheckpointWriteError, disk_error
-from vlreason.train.distributed import world
+from vlreason.train.disk import CheckpointWriteError, FinalWriteError, disk_error
+from vlreason.train.distributed import all_agree, world
 
 CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -120,7 +126,7 @@ def save_checkpoint(
             _write_main_files(tmp, step, state, model_state, optimizer if model is None else None,
                               scheduler, config, extra)
         if rng:
-            torch.save(_rng_state(), tmp / (RNG_FILE if is_main else f"rng-{rank}.pt"))
+            _torch_save(_rng_state(), tmp / (RNG_FILE if is_main else f"rng-{rank}.pt"))
         for file in tmp.iterdir():
             if file.is_file() and (is_main or file.name == f"rng-{rank}.pt"):
                 _fsync_file(file)
@@ -161,6 +167,65 @@ def _raise_if_disk_error(exc: BaseException, run_dir: str | Path, final: Path) -
     ) from exc
 
 
+def write_final(run_dir: str | Path, write: Callable[[Path], None], *, checkpoint: Path | None = None) -> Path:
+    """Publish ``run_dir/final/`` atomically: every process calls ``write(folder)`` (the
+    recipe's ``save_final``: sharded weights are gathered, process 0 writes) on a fresh
+    ``final.tmp-<id>/``, whose files process 0 then syncs and renames to ``final/`` (a
+    ``final/`` already there is replaced only then). When a process fails, the temp
+    folder is removed and every process raises; a disk-full / quota / read-only failure
+    becomes a :class:`FinalWriteError` naming the folder and ``checkpoint`` (the complete
+    checkpoint of the same step, from which ``resume=auto`` writes ``final/`` again).
+
+    With several processes the others must still reach the agreement after ``write``:
+    true when process 0 fails after the last gather (the whole model in one file, up to
+    ``save_consolidated``'s 2 GiB part size), not when it fails writing an earlier part."""
+    rank, size = world()
+    is_main = rank == 0
+    final = Path(run_dir) / FINAL_DIR
+    tmp = final.with_name(f"{FINAL_DIR}.tmp-{_shared_token()}")
+    error: BaseException | None = None
+    if is_main:
+        try:
+            for path in final.parent.glob(f"{FINAL_DIR}.*-*"):  # what killed writes left
+                if _FINAL_LEFTOVER.match(path.name) and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = exc
+    if all_agree(error is None):
+        try:
+            write(tmp)
+            if is_main:
+                for file in tmp.rglob("*"):
+                    if file.is_file():
+                        _fsync_file(file)
+                _fsync_dir(tmp)
+        except Exception as exc:  # every process must reach the agreement below
+            error = exc
+    if all_agree(error is None):
+        if is_main:
+            try:
+                _publish(tmp, final)
+            except OSError as exc:
+                error = exc
+        if all_agree(error is None):
+            return final
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise RuntimeError(f"another process failed while writing {final}; see its error")
+    cause = disk_error(error)
+    if cause is None:
+        raise error
+    was = "the final model already there is unchanged" if final.is_dir() else f"no {FINAL_DIR}/ was written"
+    ckpt = (f"; checkpoint {checkpoint.name} of the same step is complete: free space there, then run again "
+            f"with resume=auto to write {FINAL_DIR}/") if checkpoint is not None else ""
+    raise FinalWriteError(f"cannot write the final model to {final}: {cause.strerror or cause} ({was}){ckpt}") from error
+
+
+_FINAL_LEFTOVER = re.compile(rf"^{FINAL_DIR}\.(tmp|old)-")
+
+
 def _write_main_files(tmp: Path, step: int, state: dict[str, Any], model_state, optimizer, scheduler,
                       config, extra) -> None:
     """Process 0's share: plain weights, scheduler, trainer state, config, recipe extras."""
@@ -168,14 +233,22 @@ def _write_main_files(tmp: Path, step: int, state: dict[str, Any], model_state, 
         save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE),
                   metadata={"format": "pt", "step": str(step)})
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if config is not None:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
     if extra is not None:
         extra(tmp)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as the
+    ``OSError`` (ENOSPC) behind torch's error; given a path, torch's C++ writer reports
+    only "unexpected pos ..." with no errno."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _sharded_options():

@@ -7,23 +7,32 @@ dtype, the optimizer state, a plain ``model.safetensors`` copy when nothing is s
 and a margin). Old checkpoints are pruned only after a new one is published, so one
 checkpoint's worth of free space is what a save needs.
 
-When a checkpoint write fails for lack of space anyway (another job filled the disk),
+When a write fails for lack of space anyway (another job filled the disk),
 :func:`disk_error` finds the ``OSError`` (``ENOSPC``, ``EDQUOT``, ``EROFS``) behind the
-failure, also inside DCP's ``CheckpointException``, and the checkpoint code raises a
-:class:`CheckpointWriteError` naming the folder and the newest complete checkpoint.
+failure, also inside DCP's ``CheckpointException``, and the run stops with a
+:class:`RunWriteError` that names the folder or file and what is intact:
+
+- :class:`CheckpointWriteError`: a checkpoint (``checkpoints/step-N``); the newest
+  complete checkpoint is untouched;
+- :class:`FinalWriteError`: the final model (``final/``); a ``final/`` already there is
+  untouched and the last checkpoint is complete;
+- :class:`MetricsWriteError`: a ``metrics.jsonl`` line; the file keeps only whole lines.
+
+The loop never saves a checkpoint after a :class:`RunWriteError` (it would need the
+same disk, and a checkpoint past the last metrics line would leave a gap on resume).
 """
 
 from __future__ import annotations
 
-import errno
 import shutil
 from pathlib import Path
 
 import torch
 
-from vlreason.outputs import OutputPathError, prepare_output
+from vlreason.outputs import DISK_ERRNOS, OutputPathError, disk_error, prepare_output
 
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+__all__ = ["DISK_ERRNOS", "CheckpointWriteError", "DiskSpaceError", "FinalWriteError", "MetricsWriteError",
+           "RunWriteError", "check_run_dir", "disk_error", "estimate_checkpoint_bytes", "format_bytes", "free_bytes"]
 MARGIN_BYTES = 16 * 2**20  # RNG, scheduler, trainer state, config, DCP metadata
 MARGIN_FRACTION = 0.05
 
@@ -32,9 +41,24 @@ class DiskSpaceError(OutputPathError):
     """The run directory's file system has no room for one checkpoint."""
 
 
-class CheckpointWriteError(OutputPathError):
+class RunWriteError(OutputPathError):
+    """A file of a running job could not be written (disk full, quota, read-only file
+    system); the message names it and what is intact. The run stops at once."""
+
+
+class CheckpointWriteError(RunWriteError):
     """A checkpoint could not be written (disk full, quota, read-only file system); the
     message names the folder and the newest complete checkpoint, which is intact."""
+
+
+class FinalWriteError(RunWriteError):
+    """The final model (``final/``) could not be written; the message names the folder,
+    which was left as it was, and the last checkpoint, which is complete."""
+
+
+class MetricsWriteError(RunWriteError):
+    """A ``metrics.jsonl`` line could not be written; the file was cut back to its whole
+    lines, and the message names it."""
 
 
 def format_bytes(n: float) -> str:
@@ -94,23 +118,3 @@ def check_run_dir(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.
             f"and {format_bytes(free)} is free; free some space or choose another output_dir"
         )
     return need
-
-
-def disk_error(exc: BaseException | None) -> OSError | None:
-    """The disk-full / quota / read-only ``OSError`` behind ``exc`` (its causes and
-    contexts, and the per-process failures of DCP's ``CheckpointException``), or None."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
-            return err
-        failures = getattr(err, "failures", None)
-        if isinstance(failures, dict):
-            for failure in failures.values():
-                todo.append(failure[0] if isinstance(failure, tuple) else failure)
-        todo += [err.__cause__, err.__context__]
-    return None

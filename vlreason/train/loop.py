@@ -39,8 +39,8 @@ import torch
 
 from vlreason.config import doc, to_dict
 from vlreason.outputs import OutputPathError
-from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from vlreason.train.disk import CheckpointWriteError, check_run_dir
+from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_final
+from vlreason.train.disk import RunWriteError, check_run_dir
 from vlreason.train.distributed import all_agree, reduce_metrics, world
 from vlreason.train.memory import format_plan, log_memory_plan
 from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
@@ -269,7 +269,7 @@ class Trainer:
             return path
         final = self.run_dir / "final"
         if self.save_final is not None:  # on every process: sharded weights are gathered
-            self.save_final(final)
+            final = write_final(self.run_dir, self.save_final, checkpoint=path)  # atomic; disk full: FinalWriteError
         barrier()
         return final
 
@@ -293,7 +293,7 @@ class Trainer:
         barrier, so there the periodic and signal checkpoints are what remains."""
         try:
             yield
-        except (TrainingStopped, CheckpointWriteError):  # a disk-full save is not retried
+        except (TrainingStopped, RunWriteError):  # disk full: no save is tried (train/disk.py)
             raise
         except Exception:
             if self.step > 0 and self.world_size == 1:

@@ -16,7 +16,12 @@ progress bar.
     logger.close()
 
 ``metrics.jsonl`` holds one JSON object per logged step, ``{"step": N, ...}``, flushed
-line by line. Values are plain JSON: tensors and numpy scalars become Python numbers,
+line by line. A line that cannot be written (disk full, quota, read-only file system:
+any ``OSError``) is taken back -- the file is cut to its size before the write, so it
+never ends in a partial line -- and :class:`~vlreason.train.disk.MetricsWriteError`
+names the file and the last step it holds; the loop then stops without a checkpoint,
+so ``resume=auto`` trains the steps after the newest checkpoint again and logs each
+once. Values are plain JSON: tensors and numpy scalars become Python numbers,
 nested dicts are flattened with ``/`` (``{"time": {"step": 1}}`` -> ``"time/step"``),
 strings (e.g. ``"stage"``) are kept, and NaN / +-inf are written as ``null`` so every
 line is valid JSON (TensorBoard still receives the raw non-finite value).
@@ -39,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from vlreason.train.disk import MetricsWriteError
 
 METRICS_FILE = "metrics.jsonl"
 TRACKERS = ("jsonl", "tensorboard", "wandb")
@@ -116,7 +123,7 @@ class MetricsLogger:
             path = self.run_dir / METRICS_FILE
             if resume_step is not None:
                 truncate_metrics(path, resume_step)
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = open(path, "ab", buffering=0)  # one os.write per line, nothing held back
         if "tensorboard" in trackers:
             self._tb = self._start_tensorboard(config, resume_step)
         if "wandb" in trackers:
@@ -176,8 +183,7 @@ class MetricsLogger:
         flat.pop("step", None)
         record = {"step": int(step), **{k: _json_safe(v) for k, v in flat.items()}}
         if self._file is not None:
-            self._file.write(json.dumps(record, allow_nan=False) + "\n")
-            self._file.flush()
+            self._append((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"), record["step"])
         if self._tb is not None:
             for key, value in flat.items():
                 if isinstance(value, (int, float)):  # bools count as 0 / 1; strings skipped
@@ -185,6 +191,28 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(flat, step=int(step))
         return record
+
+    def _append(self, line: bytes, step: int) -> None:
+        """Write one whole line or nothing: on an ``OSError`` the file is cut back to
+        its size before the write and :class:`MetricsWriteError` is raised."""
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as err:
+            try:
+                os.ftruncate(fd, size)
+                held = "the file was cut back to its last whole line"
+            except OSError:
+                held = "the file may end in a partial line, which resume drops"
+            path = self.run_dir / METRICS_FILE
+            raise MetricsWriteError(
+                f"cannot append step {step} to {path}: {err.strerror or err}; {held}; the run stops here "
+                f"without a checkpoint: free space there, then resume=auto trains again from the newest "
+                f"checkpoint and logs each step once"
+            ) from err
 
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
@@ -225,8 +253,15 @@ def truncate_metrics(path: str | Path, resume_step: int) -> int:
     dropped = len(lines) - len(kept)
     if dropped:
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:  # e.g. a full disk: the file is left as it was
+            tmp.unlink(missing_ok=True)
+            raise MetricsWriteError(
+                f"cannot rewrite {path} for the resume from step {resume_step}: {err.strerror or err}; "
+                f"the file was left as it was; free space there, then resume again"
+            ) from err
     return dropped
 
 
