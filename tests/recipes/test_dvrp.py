@@ -164,3 +164,23 @@ def test_medical_preset_differs_only_in_the_medical_values():
     medical["dvrp"].update(mask_prob=0.6, t_init=500)
     medical["output_dir"] = general["output_dir"]
     assert medical == general
+
+
+def test_dr_grpo_constant_of_the_visual_terms_is_the_rollouts_length_limit(tmp_path):
+    """With seq-mean-token-sum-norm the visual terms divide by the same constant as the
+    GRPO term: the length limit the rollout was sampled with (``phases.max_tokens``, a
+    PTST stage's when one is set), not ``rollout.max_new_tokens`` read on its own."""
+    cfg = load_config(DVRPRecipeConfig, None, [f"output_dir={tmp_path}", *FAST,
+                                               "algorithm.aggregation=seq-mean-token-sum-norm"])
+    cfg.model.name_or_path = str(DVRPRecipe.default_model())
+    recipe = DVRPRecipe(cfg)
+    recipe.setup()
+    micro, _ = recipe.prepare(0, StepTimer())
+    assert recipe.phases.max_tokens == 12
+    with torch.no_grad():
+        _, m12 = recipe.step(micro[0])
+        recipe.phases.max_tokens = 24  # as if the rollout had been sampled with a 24-token limit
+        _, m24 = recipe.step(micro[0])
+    assert m24["loss/dvrp"] == approx(m12["loss/dvrp"] / 2)
+    assert m24["loss/grpo"] == approx(m12["loss/grpo"] / 2)
+    recipe.cleanup()
