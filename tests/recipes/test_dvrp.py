@@ -184,3 +184,16 @@ def test_dr_grpo_constant_of_the_visual_terms_is_the_rollouts_length_limit(tmp_p
     assert m24["loss/dvrp"] == approx(m12["loss/dvrp"] / 2)
     assert m24["loss/grpo"] == approx(m12["loss/grpo"] / 2)
     recipe.cleanup()
+
+
+def test_paper_config_carries_the_papers_numbers_and_a_source_on_every_value():
+    path = REPO / "recipes" / "configs" / "dvrp_paper.yaml"
+    cfg = load_config(DVRPRecipeConfig, path)
+    d = cfg.dvrp
+    assert (d.mask_prob, d.t_init, d.gamma, d.num_noise_steps, d.divergence) == (0.6, 500, 10.0, 1000, "full")
+    assert (d.lambda_nec, d.lambda_rob, d.lambda_ent, cfg.algorithm.kl_coef) == (0.01, 0.01, 0.05, 0.0)
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    for line in path.read_text().splitlines():  # every number and switch names its source
+        value = line.split("#")[0].partition(":")[2].strip()
+        if value in ("true", "false") or value.replace(".", "").replace("e-", "").isdigit():
+            assert "[" in line.partition("#")[2], f"no source: {line}"
