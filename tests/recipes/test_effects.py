@@ -32,8 +32,9 @@ on 2 completions a row sampled at T=1 from the original image, with DVRP's maske
 (p = 0.6, masks seeded apart from training). Asserted: the method's KL is at least twice
 the control's, its blank-image accuracy at least 0.10 below the control's, and its
 full-image accuracy at most 0.05 (2 of 48 rows) below the control's.
-Measured (2-core CPU, OMP_NUM_THREADS=1 prototype of this test): seed 0 method KL 1.915,
-blank 0.000, full 0.979 (T=1: 0.906) against control 0.344, 0.271, 1.000 (0.938); seed 1
+Measured by this test at commit 2a6e9c3 (2-core CPU, seed 0 as written, seed 1 with its
+seed edited to 1): seed 0 method KL 1.915,
+blank 0.000, full 0.979 (at T=1, measured by a prototype only: 0.906) against control 0.344, 0.271, 1.000 (0.938); seed 1
 method 1.225, 0.000, 0.979 (0.849) against 0.450, 0.229, 1.000 (0.906). How the blind
 accuracy falls: on this task a model that keeps its answer format scores about chance
 (0.25) with a blank image whatever colour it names, so going below chance means leaving
@@ -55,7 +56,8 @@ cannot raise the stage-2 number by itself. Asserted: in stage 1 the truncated fr
 falls by at least 0.10 and the held-out length falls at least 2 tokens below the start's;
 in stage 2 the held-out length grows again (strictly; no margin, seed 0's rise is small);
 the final held-out greedy accuracy is at most 0.05 (3 of 64 rows) below the control's.
-Measured (prototype, OMP_NUM_THREADS=1): start accuracy 0.578, held-out length 27.95.
+Measured by this test at commit 2a6e9c3 (seed 0 as written, seed 1 edited): start
+accuracy 0.578, held-out length 27.95.
 Seed 0: truncated 0.35 -> 0.17 in stage 1, rollout length 21.2 -> 20.3 (stage-2 last
 third 22.6), held-out length 27.95 -> 21.86 -> 22.19, accuracy 0.531; control 0.500
 (length 23.08, rollout 24.6 -> 24.2). Seed 1: truncated 0.31 -> 0.17, rollout 21.3 ->
@@ -64,6 +66,12 @@ control 0.500 (23.45). Both arms end below the start's accuracy (0.578): RL on t
 tiny model and data does not raise greedy accuracy; PTST's claim checked here is only
 "not worse than one long stage". A smaller PTST run (12 + 12 steps, 4 prompts a step,
 seed 0) showed the stage-1 fall but no regrowth (held-out length 21.5 -> 19.8).
+
+Run time on the shared 2-core machine under a load average of about 10, with
+OMP_NUM_THREADS=1, the two checks running side by side: DVRP 186 s and 336 s, PTST 327 s
+and 461 s; not measured on an idle machine (the DVRP check does 16 GRPO + 16 DVRP steps
+and 2 x 96 greedy answers, the PTST check 2 x 48 RL steps and 5 evaluations of 64 rows). With the default thread count the
+same load made the PTST check about 10x slower (7 steps in 8 minutes).
 """
 
 from __future__ import annotations
