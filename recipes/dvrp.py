@@ -211,7 +211,7 @@ class DVRPRecipe(Recipe):
             terms.kl_NT["masked"], terms.kl_NT["noised"], terms.entropy_NT["masked"], terms.entropy_NT["noised"],
             batch.completion_mask_NT.bool().to(terms.logprobs_NT.device),
             lambda_nec=d.lambda_nec, lambda_rob=d.lambda_rob, lambda_ent=d.lambda_ent,
-            agg_mode=self.cfg.algorithm.aggregation, max_tokens=self.policy.rollout.max_new_tokens,
+            agg_mode=self.cfg.algorithm.aggregation, max_tokens=self.phases.max_tokens,
             global_count=self.phases.normaliser / world()[1],
         )
         metrics.update({k: float(v) for k, v in reg_metrics.items()})

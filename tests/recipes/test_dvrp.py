@@ -164,3 +164,36 @@ def test_medical_preset_differs_only_in_the_medical_values():
     medical["dvrp"].update(mask_prob=0.6, t_init=500)
     medical["output_dir"] = general["output_dir"]
     assert medical == general
+
+
+def test_dr_grpo_constant_of_the_visual_terms_is_the_rollouts_length_limit(tmp_path):
+    """With seq-mean-token-sum-norm the visual terms divide by the same constant as the
+    GRPO term: the length limit the rollout was sampled with (``phases.max_tokens``, a
+    PTST stage's when one is set), not ``rollout.max_new_tokens`` read on its own."""
+    cfg = load_config(DVRPRecipeConfig, None, [f"output_dir={tmp_path}", *FAST,
+                                               "algorithm.aggregation=seq-mean-token-sum-norm"])
+    cfg.model.name_or_path = str(DVRPRecipe.default_model())
+    recipe = DVRPRecipe(cfg)
+    recipe.setup()
+    micro, _ = recipe.prepare(0, StepTimer())
+    assert recipe.phases.max_tokens == 12
+    with torch.no_grad():
+        _, m12 = recipe.step(micro[0])
+        recipe.phases.max_tokens = 24  # as if the rollout had been sampled with a 24-token limit
+        _, m24 = recipe.step(micro[0])
+    assert m24["loss/dvrp"] == approx(m12["loss/dvrp"] / 2)
+    assert m24["loss/grpo"] == approx(m12["loss/grpo"] / 2)
+    recipe.cleanup()
+
+
+def test_paper_config_carries_the_papers_numbers_and_a_source_on_every_value():
+    path = REPO / "recipes" / "configs" / "dvrp_paper.yaml"
+    cfg = load_config(DVRPRecipeConfig, path)
+    d = cfg.dvrp
+    assert (d.mask_prob, d.t_init, d.gamma, d.num_noise_steps, d.divergence) == (0.6, 500, 10.0, 1000, "full")
+    assert (d.lambda_nec, d.lambda_rob, d.lambda_ent, cfg.algorithm.kl_coef) == (0.01, 0.01, 0.05, 0.0)
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    for line in path.read_text().splitlines():  # every number and switch names its source
+        value = line.split("#")[0].partition(":")[2].strip()
+        if value in ("true", "false") or value.replace(".", "").replace("e-", "").isdigit():
+            assert "[" in line.partition("#")[2], f"no source: {line}"
