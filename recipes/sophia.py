@@ -39,7 +39,10 @@ dataset with ``solution``, ``collected.jsonl``, ``summary.json``) and then train
 ``sophia.steps_per_round`` steps on the kept rows; ``max_steps`` = warmup_steps + rounds x
 steps_per_round. ``sophia.rounds=0`` is the chunked mode: each step collects
 ``prompts_per_step`` rows and at once updates on them (later chunks are captioned by the
-partly updated VLM). Collection (steps 1-4) lives in ``vlreason.train.sophia_collect``,
+partly updated VLM). ``sophia.grpo_steps`` > 0 adds the paper's "+GRPO" stage: that many
+GRPO steps (the ``grpo:`` section, ``vlreason.train.grpo.GRPOPhases``; G and length from
+``rollout``) on ``data.train`` after the SOPHIA steps, logged with ``sophia/grpo`` = 1.
+Collection (steps 1-4) lives in ``vlreason.train.sophia_collect``,
 the config in ``vlreason.train.sophia_config``.
 
 A step where nothing is kept has loss 0 and no update: the step hands the loop a single
@@ -91,6 +94,7 @@ from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import tokenize_targets
 from vlreason.train.distributed import global_sum, world
+from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
 from vlreason.train.sophia_collect import SophiaCollector, format_choices, reasoner_question  # noqa: F401
@@ -109,7 +113,7 @@ log = logging.getLogger(__name__)
 class SophiaRecipeConfig(LoopConfig):
     output_dir: str = doc("Run directory.", "runs/sophia")
     max_steps: int = doc("Optimizer steps; with sophia.rounds > 0 (the default) set to sophia.warmup_steps + "
-                         "sophia.rounds x sophia.steps_per_round.", 4)
+                         "sophia.rounds x sophia.steps_per_round + sophia.grpo_steps.", 4)
     save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(freeze_vision=True),
                                metadata={"help": "The trained VLM (captioner and student); vision tower frozen."})
@@ -123,17 +127,25 @@ class SophiaRecipeConfig(LoopConfig):
     reasoner_hard: HardReasonerConfig = field(
         default_factory=HardReasonerConfig,
         metadata={"help": "Optional second reasoner for hard rows (easy/hard routing by sophia.difficulty_key)."})
+    grpo: GRPOConfig = field(
+        default_factory=GRPOConfig,
+        metadata={"help": "The GRPO stage after SOPHIA (sophia.grpo_steps > 0; rollout.num_generations / "
+                          "max_new_tokens are its G and length; kl_coef must stay 0)."})
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4),
                                metadata={"help": "Optimizer and schedule."})
 
     def validate(self) -> None:
         s = self.sophia
         if s.rounds > 0:
-            self.max_steps = s.warmup_steps + s.rounds * s.steps_per_round
+            self.max_steps = s.warmup_steps + s.rounds * s.steps_per_round + s.grpo_steps
         elif s.rows_per_round > 0:
-            self.max_steps = s.warmup_steps + math.ceil(s.rows_per_round / s.prompts_per_step)
-        if s.warmup_steps >= self.max_steps:
-            raise ValueError(f"sophia.warmup_steps={s.warmup_steps} leaves no SOPHIA step of max_steps={self.max_steps}")
+            self.max_steps = s.warmup_steps + math.ceil(s.rows_per_round / s.prompts_per_step) + s.grpo_steps
+        if s.warmup_steps + s.grpo_steps >= self.max_steps:
+            raise ValueError(f"sophia.warmup_steps={s.warmup_steps} + sophia.grpo_steps={s.grpo_steps} leave no "
+                             f"SOPHIA step of max_steps={self.max_steps}")
+        if s.grpo_steps > 0 and self.grpo.kl_coef > 0:
+            raise ValueError("grpo.kl_coef > 0 is not supported in the SOPHIA recipe's GRPO stage (no reference "
+                             "model is kept); run recipes/grpo.py on the SOPHIA result for a KL term")
 
 
 @register_recipe("sophia")
@@ -174,6 +186,11 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
         self.kept_rows_total = 0
         self.reasoner_failed_total = 0
         self.round_cache: tuple[int, list[dict[str, Any]]] | None = None
+        self.grpo: GRPOPhases | None = None
+        if cfg.sophia.grpo_steps > 0:  # its own stream over data.train, its own state
+            self.grpo_stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed + 2, name="grpo")
+            self.grpo = GRPOPhases(cfg.grpo, self.policy, self.grpo_stream, cfg.seed)
+        self.in_grpo = False
         if cfg.sophia.rounds > 0 and world()[1] > 1:
             raise ValueError("sophia.rounds > 0 runs on one process for now (use rounds=0 with several)")
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
@@ -183,8 +200,12 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
 
     # ---- collection ----------------------------------------------------------------------
     # ---- the loop's recipe interface -----------------------------------------------------
-    def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch | None], dict[str, Any]]:
+    def prepare(self, step: int, timer: StepTimer) -> tuple[list[Any], dict[str, Any]]:
         s = self.cfg.sophia
+        self.in_grpo = step >= self.cfg.max_steps - s.grpo_steps
+        if self.in_grpo:  # the "+GRPO" stage: GRPO's own rollout, rewards and loss
+            micro, metrics = self.grpo.prepare(step, timer)
+            return micro, {**metrics, "sophia/grpo": 1, "data/skipped_rows": self.skipped_rows + self.grpo.skipped_rows}
         if step < s.warmup_steps:  # warm-up SFT: the rows' own solutions, same update
             rows = shard(self.warmup_stream.next_rows(s.prompts_per_step), *world())
             tok = self.policy.processor.tokenizer
@@ -223,7 +244,9 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
         # nothing kept: one None micro-batch -> a zero loss without graph, no gradient, no update
         return micro or [None], metrics
 
-    def step(self, micro_batch: RolloutBatch | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def step(self, micro_batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.in_grpo:
+            return self.grpo.loss(micro_batch)
         if micro_batch is None:
             return torch.zeros((), requires_grad=True), {}
         out = self.policy.token_outputs(micro_batch)  # scored at temperature 1: the NLL of the solution
@@ -239,6 +262,8 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
                  "kept_rows_total": self.kept_rows_total, "reasoner_failed_total": self.reasoner_failed_total}
         if self.warmup_stream is not None:
             state["warmup_data"] = self.warmup_stream.state_dict()
+        if self.grpo is not None:
+            state["grpo_data"], state["grpo_skipped_rows"] = self.grpo_stream.state_dict(), self.grpo.skipped_rows
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,6 +274,9 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
         self.reasoner_failed_total = state.get("reasoner_failed_total", 0)
         if self.warmup_stream is not None and "warmup_data" in state:
             self.warmup_stream.load_state_dict(state["warmup_data"])
+        if self.grpo is not None and "grpo_data" in state:
+            self.grpo_stream.load_state_dict(state["grpo_data"])
+            self.grpo.skipped_rows = state.get("grpo_skipped_rows", 0)
 
 
 if __name__ == "__main__":

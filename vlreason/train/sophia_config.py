@@ -55,6 +55,9 @@ class SophiaConfig:
                       "disk is reused, not collected again.", 1)
     steps_per_round: int = doc("rounds > 0: optimizer steps per round, each on prompts_per_step kept rows "
                                "(cycling over them in a seeded order).", 2)
+    grpo_steps: int = doc("The paper's \"+GRPO\" row: GRPO steps (the `grpo:` section, vlreason.train.grpo) "
+                          "on data.train after the SOPHIA steps, in the same run; added to max_steps with rounds "
+                          "or rows_per_round, else counted in it. 0: none.", 0)
     difficulty_key: str = doc("With reasoner_hard: the row field, or else the key of the row's JSON "
                               "`meta`, that holds its difficulty.", "difficulty")
     hard_values: list[str] = doc("With reasoner_hard: difficulty values routed to it (compared as "
@@ -67,6 +70,8 @@ class SophiaConfig:
         if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
             raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
                              "num_solutions must be >= 1")
+        if self.grpo_steps < 0:
+            raise ValueError("sophia.grpo_steps must be >= 0")
         if self.warmup_steps < 0:
             raise ValueError("sophia.warmup_steps must be >= 0")
         if self.rows_per_round < 0 or self.rounds < 0 or self.steps_per_round < 1:
