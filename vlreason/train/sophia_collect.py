@@ -18,6 +18,7 @@ from vlreason.algorithms.sophia import Selection, select_solutions
 from vlreason.data.schema import IMAGE_PLACEHOLDER
 from vlreason.data.stream import shard
 from vlreason.reasoners import normalise_solution, think_left_open
+from vlreason.rewards import accuracy_reward
 from vlreason.rewards.format import is_strict_format
 from vlreason.rollout.generate import SamplingConfig
 from vlreason.rollout.prompts import build_prompt_batch
@@ -112,6 +113,34 @@ class SophiaCollector:
             value = meta.get(key) if isinstance(meta, dict) else None
         return str(value).strip().lower() in {v.lower() for v in self.cfg.sophia.hard_values}
 
+    def pass_rates(self, rows: list[dict[str, Any]], seed: int) -> list[float]:
+        """The VLM's own accuracy on each row's ORIGINAL (image, question) prompt over
+        sophia.pass_rate_samples answers sampled at rollout.temperature / max_new_tokens."""
+        s, r = self.cfg.sophia, self.policy.rollout
+        sampling = SamplingConfig(num_generations=s.pass_rate_samples, max_new_tokens=r.max_new_tokens,
+                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, share_prefix=r.share_prefix)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            texts = self.policy.sample(self.policy.prompts(rows), seed=seed + 1, sampling=sampling).texts
+        finally:
+            self.model.train(was_training)
+        n = s.pass_rate_samples
+        return [sum(float(accuracy_reward(t, row["answer"], choices=row.get("choices") or None))
+                    for t in texts[i * n:(i + 1) * n]) / n for i, row in enumerate(rows)]
+
+    def hard_rows(self, rows: list[dict[str, Any]], seed: int) -> list[bool]:
+        """Which rows go to reasoner_hard (all False without it): by difficulty field, or by
+        the VLM's pass rate (``self.last_pass_rates``)."""
+        s = self.cfg.sophia
+        self.last_pass_rates: list[float] = []
+        if self.reasoner_hard is None:
+            return [False] * len(rows)
+        if s.route_by == "pass_rate":
+            self.last_pass_rates = self.pass_rates(rows, seed)
+            return [p < s.hard_below for p in self.last_pass_rates]
+        return [self.is_hard(row) for row in rows]
+
     def route_solve(self, prompts: list[str], hard: list[bool], seed: int) -> list[list[str]]:
         """Solutions for each prompt from `reasoner`, or from `reasoner_hard` where ``hard``;
         in prompt order."""
@@ -156,14 +185,15 @@ class SophiaCollector:
         s, cfg = self.cfg.sophia, self.cfg
         rank, _ = world()
         seed = hash_seed(cfg.seed, step, rank)
-        rows = self.usable_rows(step, rows)
+        rows = self.last_rows = self.usable_rows(step, rows)
         if not rows:
             return [], [], {}
         with timer("captions"):
             captions = self.captions(rows, seed)
         prompts = [self.solution_prompt(row, c) for row, caps in zip(rows, captions) for c in caps]
         before = self.reasoner_counts()
-        hard = [self.is_hard(row) for row in rows for _ in range(s.num_captions)]
+        with timer("routing"):
+            hard = [h for h in self.hard_rows(rows, seed) for _ in range(s.num_captions)]
         with timer("reasoner"):
             flat = self.route_solve(prompts, hard, seed)
         # an empty list: the reasoner failed on that prompt (counted, never filled in)
@@ -197,6 +227,8 @@ class SophiaCollector:
         metrics = {
             "sophia/reasoner_failed": sum(failed),
             "sophia/hard_prompts": sum(hard),
+            **({"sophia/vlm_pass_rate": sum(self.last_pass_rates) / len(self.last_pass_rates)}
+               if self.last_pass_rates else {}),
             "sophia/reasoner_failed_total": self.reasoner_failed_total + sum(failed),
             **{k: after[k] - before.get(k, 0) for k in after},
             # solutions (after normalisation) in the strict <think></think><answer></answer> format

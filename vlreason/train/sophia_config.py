@@ -58,6 +58,12 @@ class SophiaConfig:
     grpo_steps: int = doc("The paper's \"+GRPO\" row: GRPO steps (the `grpo:` section, vlreason.train.grpo) "
                           "on data.train after the SOPHIA steps, in the same run; added to max_steps with rounds "
                           "or rows_per_round, else counted in it. 0: none.", 0)
+    route_by: str = doc("With reasoner_hard: difficulty (the row's difficulty_key value is in hard_values) | "
+                        "pass_rate (the VLM itself answers the original question pass_rate_samples times at "
+                        "rollout.temperature; rows whose accuracy is below hard_below go to reasoner_hard).",
+                        "difficulty")
+    pass_rate_samples: int = doc("route_by=pass_rate: VLM answers per row.", 4)
+    hard_below: float = doc("route_by=pass_rate: a row is hard when the VLM's pass rate is below this.", 0.5)
     difficulty_key: str = doc("With reasoner_hard: the row field, or else the key of the row's JSON "
                               "`meta`, that holds its difficulty.", "difficulty")
     hard_values: list[str] = doc("With reasoner_hard: difficulty values routed to it (compared as "
@@ -70,6 +76,10 @@ class SophiaConfig:
         if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
             raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
                              "num_solutions must be >= 1")
+        if self.route_by not in ("difficulty", "pass_rate"):
+            raise ValueError(f"sophia.route_by must be difficulty or pass_rate, got '{self.route_by}'")
+        if self.pass_rate_samples < 1 or not 0.0 < self.hard_below <= 1.0:
+            raise ValueError("sophia.pass_rate_samples must be >= 1 and sophia.hard_below in (0, 1]")
         if self.grpo_steps < 0:
             raise ValueError("sophia.grpo_steps must be >= 0")
         if self.warmup_steps < 0:
