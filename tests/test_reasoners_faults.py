@@ -179,6 +179,7 @@ def test_a_sophia_round_counts_failed_captions_and_trains_only_on_real_solutions
     stub.fault, stub.always_bad = "500", ("shape one",)  # every caption of row r0 fails
     run = tmp_path / "run"
     run_recipe(SophiaRecipe, None, [f"data.train={data}", f"output_dir={run}", "max_steps=1", "progress=false",
+                                    "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
                                     "trackers=[jsonl]", "sophia.prompts_per_step=2", "sophia.num_captions=2",
                                     "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
                                     "reasoner.kind=openai", f"reasoner.base_url={stub.url}", "reasoner.model=m",
