@@ -47,6 +47,7 @@ from vlreason.reasoners import ReasonerConfig, build_reasoner
 from vlreason.recipe_base import load_policy, load_split
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.metrics import StepTimer
+from vlreason.train.rows import RowGate
 from vlreason.train.sophia_collect import SophiaCollector
 from vlreason.train.sophia_config import REWARDS, SophiaConfig
 from vlreason.train.sophia_rounds import SophiaRounds, write_collection
@@ -109,7 +110,7 @@ class ColdStartBuilder(SophiaRounds, SophiaCollector):
         self.reasoner = with_cache(build_reasoner(cfg.reasoner), cfg.reasoner, cfg.output_dir, rank=0)
         self.reasoner_hard = None
         self.reward_fn = REWARDS[cfg.bridge.reward]
-        self.skipped_rows = 0
+        self.rows = RowGate(None, self.policy.processor.tokenizer)  # rows are given (admitted), never drawn
         self.reasoner_failed_total = 0
 
     def build(self) -> Path:

@@ -31,7 +31,7 @@ Per step (METHODS.md, DVRP):
    (``dvrp_regularizer``; same aggregation and global-count normalisation as the GRPO
    term, so micro-batch losses add up to the step's loss). No reference KL by default.
 
-Divergence (``dvrp.divergence``):
+Divergence (``dvrp.kl_method``):
 
 * ``full`` (default, the paper's): the exact full-vocabulary token KL from the last
   hidden states of the two views through the LM head, ``dvrp.chunk_size`` positions at a
@@ -76,7 +76,7 @@ from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import decode_row_images
-from vlreason.rollout.views_forward import DIVERGENCE_KINDS, noised_prompts, view_token_terms
+from vlreason.rollout.views_forward import KL_METHODS, noised_prompts, view_token_terms
 from vlreason.train.distributed import world
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
 from vlreason.train.loop import OptimConfig, Trainer
@@ -98,11 +98,11 @@ class DVRPConfig:
     lambda_nec: float = doc("l_nec: weight of KL(pi_orig || pi_mask), maximised (visual necessity).", 0.01)
     lambda_rob: float = doc("l_rob: weight of KL(pi_orig || pi_noise), minimised (robustness).", 0.01)
     lambda_ent: float = doc("l_ent: weight of H(pi_mask) + H(pi_noise), minimised.", 0.05)
-    divergence: str = doc("full (exact full-vocabulary token KL, chunked; the paper's) | sampled "
+    kl_method: str = doc("full (exact full-vocabulary token KL, chunked; the paper's) | sampled "
                           "(sampled-token estimate with a score-function gradient on pi_orig, cheaper, "
                           "noisier).", "full")
-    kl_estimator: str = doc("Estimator for divergence=sampled: k1 | k2 | k3.", "k3")
-    chunk_size: int = doc("Positions per chunk for divergence=full (0: rollout.logprob_chunk_size); "
+    kl_estimator: str = doc("Estimator for kl_method=sampled: k1 | k2 | k3.", "k3")
+    chunk_size: int = doc("Positions per chunk for kl_method=full (0: rollout.logprob_chunk_size); "
                           "the transient is about 4 x chunk x vocabulary floats.", 0)
     detach_orig: bool = doc("Stop the gradient through pi_orig in the two KL terms (default: both "
                             "sides get gradient, as the paper's objective reads).", False)
@@ -114,8 +114,8 @@ class DVRPConfig:
             raise ValueError(f"dvrp.t_init must be in [0, dvrp.num_noise_steps={self.num_noise_steps}]")
         if self.num_noise_steps < 1 or self.anneal_steps < 0 or self.chunk_size < 0:
             raise ValueError("dvrp.num_noise_steps must be >= 1, anneal_steps and chunk_size >= 0")
-        if self.divergence not in DIVERGENCE_KINDS:
-            raise ValueError(f"dvrp.divergence must be one of {list(DIVERGENCE_KINDS)}, got '{self.divergence}'")
+        if self.kl_method not in KL_METHODS:
+            raise ValueError(f"dvrp.kl_method must be one of {list(KL_METHODS)}, got '{self.kl_method}'")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"dvrp.kl_estimator must be one of {list(KL_ESTIMATORS)}")
 
@@ -202,7 +202,7 @@ class DVRPRecipe(Recipe):
         terms = view_token_terms(
             self.model, self.policy.family, batch,
             {name: batch.extras[f"{name}_prompts"] for name in ("masked", "noised")},
-            divergence=d.divergence, estimator=d.kl_estimator, detach_orig=d.detach_orig,
+            kl_method=d.kl_method, estimator=d.kl_estimator, detach_orig=d.detach_orig,
             temperature=self.policy.sampling_temperature, chunk_size=self.policy.rollout.logprob_chunk_size,
             kl_chunk_size=d.chunk_size,
         )

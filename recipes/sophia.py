@@ -7,7 +7,7 @@ The behaviour policy is the trainable VLM's own perception plus an external text
 reasoner (vlreason.reasoners: a local transformers causal LM, any OpenAI-compatible
 chat-completions server, or a ``module:factory`` of your own). One step:
 
-1. captions (``time/captions``): draw ``sophia.prompts_per_step`` rows; the VLM writes
+1. captions (``time/captions``): draw ``prompts_per_step`` rows; the VLM writes
    ``sophia.num_captions`` (K) descriptions of each row's image(s) with
    ``sophia.caption_prompt``, a prompt that does NOT show the question or its choices;
 2. reasoning (``time/reasoner``): for each caption the reasoner writes
@@ -88,15 +88,16 @@ from vlreason.models.loading import ModelConfig
 from vlreason.paths import warm_model
 from vlreason.reasoner_cache import with_cache
 from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
-from vlreason.recipe_base import DataConfig, Recipe, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.rollout.prompts import tokenize_targets
 from vlreason.train.distributed import global_sum, world
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
-from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
+from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
+from vlreason.train.rows import RowGate
 from vlreason.train.sophia_collect import SophiaCollector, format_choices, reasoner_question  # noqa: F401
 from vlreason.train.sophia_config import (  # noqa: F401
     REWARDS,
@@ -110,18 +111,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SophiaRecipeConfig(LoopConfig):
-    output_dir: str = doc("Run directory.", "runs/sophia")
+class SophiaRecipeConfig(RunConfig):
+    # shared keys (help in RunConfig), restated with this recipe's defaults
+    output_dir: str = "runs/sophia"
     max_steps: int = doc("Optimizer steps; with sophia.rounds > 0 (the default) set to sophia.warmup_steps + "
                          "sophia.rounds x sophia.steps_per_round + sophia.grpo_steps.", 4)
-    save_steps: int = doc("Checkpoint every N steps (0: only on stop and at the end).", 0)
+    save_steps: int = 0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(freeze_vision=True),
                                metadata={"help": "The trained VLM (captioner and student); vision tower frozen."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(num_generations=2, max_new_tokens=32, temperature=1.0),
         metadata={"help": "Images and prompt format of the VLM (captions use sophia.caption_*)."},
     )
+    prompts_per_step: int = doc("Rows per optimizer step, over all processes: captioned, reasoned about and "
+                                "trained on (chunked mode), trained on (rounds, warm-up) or sampled (the GRPO "
+                                "stage).", 4)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    # SOPHIA's own
     sophia: SophiaConfig = field(default_factory=SophiaConfig, metadata={"help": "Captions, reasoning, selection."})
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig, metadata={"help": "The external text reasoner."})
     reasoner_hard: HardReasonerConfig = field(
@@ -131,15 +137,14 @@ class SophiaRecipeConfig(LoopConfig):
         default_factory=GRPOConfig,
         metadata={"help": "The GRPO stage after SOPHIA (sophia.grpo_steps > 0; rollout.num_generations / "
                           "max_new_tokens are its G and length; kl_coef must stay 0)."})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4),
-                               metadata={"help": "Optimizer and schedule."})
 
     def validate(self) -> None:
+        super().validate()
         s = self.sophia
         if s.rounds > 0:
             self.max_steps = s.warmup_steps + s.rounds * s.steps_per_round + s.grpo_steps
         elif s.rows_per_round > 0:
-            self.max_steps = s.warmup_steps + math.ceil(s.rows_per_round / s.prompts_per_step) + s.grpo_steps
+            self.max_steps = s.warmup_steps + math.ceil(s.rows_per_round / self.prompts_per_step) + s.grpo_steps
         if s.warmup_steps + s.grpo_steps >= self.max_steps:
             raise ValueError(f"sophia.warmup_steps={s.warmup_steps} + sophia.grpo_steps={s.grpo_steps} leave no "
                              f"SOPHIA step of max_steps={self.max_steps}")
@@ -182,14 +187,15 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
             if len(warm) == 0:
                 raise ValueError("sophia.warmup_steps > 0 but the warm-up data has no row with a `solution`")
             self.warmup_stream = RowStream(warm, seed=cfg.seed + 1, name="warmup")
-        self.skipped_rows = 0
+        self.rows = RowGate(self.stream, self.policy.processor.tokenizer)  # skipped_rows counts here
         self.kept_rows_total = 0
         self.reasoner_failed_total = 0
         self.round_cache: tuple[int, list[dict[str, Any]]] | None = None
         self.grpo: GRPOPhases | None = None
         if cfg.sophia.grpo_steps > 0:  # its own stream over data.train, its own state
             self.grpo_stream = RowStream(load_split(cfg.data.train, "train"), seed=cfg.seed + 2, name="grpo")
-            self.grpo = GRPOPhases(cfg.grpo, self.policy, self.grpo_stream, cfg.seed)
+            self.grpo = GRPOPhases(cfg.grpo, self.policy, self.grpo_stream, cfg.seed,
+                                   prompts_per_step=cfg.prompts_per_step)
         self.in_grpo = False
         if cfg.sophia.rounds > 0 and world()[1] > 1:
             raise ValueError("sophia.rounds > 0 runs on one process for now (use rounds=0 with several)")
@@ -207,7 +213,7 @@ class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
             micro, metrics = self.grpo.prepare(step, timer)
             return micro, {**metrics, "sophia/grpo": 1, "data/skipped_rows": self.skipped_rows + self.grpo.skipped_rows}
         if step < s.warmup_steps:  # warm-up SFT: the rows' own solutions, same update
-            rows = shard(self.warmup_stream.next_rows(s.prompts_per_step), *world())
+            rows = shard(self.warmup_stream.next_rows(self.cfg.prompts_per_step), *world())
             tok = self.policy.processor.tokenizer
             fits = [r for r in rows if len(tok(r["solution"], add_special_tokens=False)["input_ids"]) < s.max_target_tokens]
             kept_rows, kept_texts = fits, [r["solution"] for r in fits]

@@ -136,7 +136,7 @@ def test_each_recipes_own_yaml_states_the_code_defaults():
     assert checked >= 5
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "sft", "vision_r1", "dvrp", "vision_opd"])
+@pytest.mark.parametrize("recipe", ["grpo", "sft", "vision_r1", "dvrp", "vision_opd", "sophia"])
 def test_one_batch_key_for_every_recipe(recipe, tmp_path):
     """``prompts_per_step`` is the batch key of every recipe (RunConfig), set the same way;
     the old per-section paths fail with an error that names the new one."""
@@ -148,7 +148,7 @@ def test_one_batch_key_for_every_recipe(recipe, tmp_path):
     assert load_config(cls, None, ["prompts_per_step=5"]).prompts_per_step == 5
     old = {"grpo": "algorithm.prompts_per_step", "dvrp": "algorithm.prompts_per_step",
            "vision_opd": "algorithm.prompts_per_step", "sft": "sft.batch_size",
-           "vision_r1": "cold_start.batch_size"}[recipe]
+           "vision_r1": "cold_start.batch_size", "sophia": "sophia.prompts_per_step"}[recipe]
     with pytest.raises(ConfigError, match=f"'{old}' has moved: use '"):
         load_config(cls, None, [f"{old}=5"])
     path = tmp_path / "old.yaml"

@@ -180,7 +180,7 @@ def test_a_sophia_round_counts_failed_captions_and_trains_only_on_real_solutions
     run = tmp_path / "run"
     run_recipe(SophiaRecipe, None, [f"data.train={data}", f"output_dir={run}", "max_steps=1", "progress=false",
                                     "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
-                                    "trackers=[jsonl]", "sophia.prompts_per_step=2", "sophia.num_captions=2",
+                                    "trackers=[jsonl]", "prompts_per_step=2", "sophia.num_captions=2",
                                     "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
                                     "reasoner.kind=openai", f"reasoner.base_url={stub.url}", "reasoner.model=m",
                                     "reasoner.max_retries=1", "reasoner.retry_backoff_s=0.01",

@@ -119,7 +119,7 @@ def test_a_sophia_round_against_transformers_serve(served, tmp_path):
     run = tmp_path / "run"
     run_recipe(SophiaRecipe, None, [f"output_dir={run}", "max_steps=1", "progress=false", "trackers=[jsonl]",
                                     "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
-                                    "sophia.prompts_per_step=2", "sophia.num_captions=2", "sophia.num_solutions=2",
+                                    "prompts_per_step=2", "sophia.num_captions=2", "sophia.num_solutions=2",
                                     "sophia.caption_max_new_tokens=8", "sophia.solution_max_new_tokens=12",
                                     "reasoner.kind=openai", f"reasoner.base_url={url}", f"reasoner.model={model}",
                                     "reasoner.max_retries=0", "reasoner.timeout_s=60", "reasoner.concurrency=2"])

@@ -46,9 +46,11 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> An
 MOVED_KEYS: dict[str, str] = {
     "algorithm.prompts_per_step": "prompts_per_step",
     "sophia.prompts_per_step": "prompts_per_step",
+    "grpo.prompts_per_step": "prompts_per_step",
     "sft.batch_size": "prompts_per_step",
     "cold_start.batch_size": "cold_start.prompts_per_step",
     "sft.micro_batch_size": "sft.micro_batch_prompts",
+    "dvrp.divergence": "dvrp.kl_method",  # OPD's algorithm.divergence is a different thing (JSD / KL)
     "cold_start.micro_batch_size": "cold_start.micro_batch_prompts",
 }
 

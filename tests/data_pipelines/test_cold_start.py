@@ -84,9 +84,9 @@ def test_demo_rows_become_a_cold_start_dataset_and_vision_r1_starts_from_it(tmp_
     # Vision-R1 cold start on it, then a tiny PTST stage
     run = tmp_path / "vr1"
     assert cli(["train", "vision_r1", f"output_dir={run}", f"cold_start.data={out / 'kept'}",
-                "cold_start.steps=2", "cold_start.batch_size=2", "cold_start.micro_batch_size=2",
+                "cold_start.steps=2", "cold_start.prompts_per_step=2", "cold_start.micro_batch_prompts=2",
                 "ptst.stages=[{name: stage1, max_new_tokens: 16, num_generations: 2, steps: 1}]",
-                "algorithm.prompts_per_step=1", "algorithm.micro_batch_prompts=1", "stage_eval=false",
+                "prompts_per_step=1", "algorithm.micro_batch_prompts=1", "stage_eval=false",
                 "progress=false", "trackers=[jsonl]"]) == 0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == ["cold_start", "cold_start", "stage1"]

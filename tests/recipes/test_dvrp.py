@@ -101,9 +101,9 @@ def test_zero_visual_weights_give_the_grpo_loss_and_full_divergence_runs(tmp_pat
         torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-7)
         assert m["kl_mask"] > 0 and m["entropy_mask"] > 0
 
-    recipe.cfg.dvrp = DVRPConfig(divergence="full")
+    recipe.cfg.dvrp = DVRPConfig(kl_method="full")
     loss_full, m_full = recipe.step(micro[0])
-    recipe.cfg.dvrp = DVRPConfig(divergence="sampled")
+    recipe.cfg.dvrp = DVRPConfig(kl_method="sampled")
     loss_sampled, m_sampled = recipe.step(micro[0])
     assert math.isfinite(float(loss_full.detach())) and m_full["kl_mask"] > 0 and m_full["kl_noise"] >= 0
     assert m_full["entropy_mask"] == approx(m_sampled["entropy_mask"])
@@ -118,7 +118,7 @@ def test_zero_visual_weights_give_the_grpo_loss_and_full_divergence_runs(tmp_pat
     kl, grad = {}, {}
     for detach in (False, True):
         recipe.model.zero_grad(set_to_none=True)
-        terms = view_token_terms(recipe.model, recipe.policy.family, micro[0], views, divergence="sampled",
+        terms = view_token_terms(recipe.model, recipe.policy.family, micro[0], views, kl_method="sampled",
                                  detach_orig=detach, temperature=recipe.policy.sampling_temperature)
         terms.kl_NT["masked"].sum().backward()
         kl[detach], grad[detach] = terms.kl_NT["masked"].detach(), head.grad.clone()
@@ -190,7 +190,7 @@ def test_paper_config_carries_the_papers_numbers_and_a_source_on_every_value():
     path = REPO / "recipes" / "configs" / "dvrp_paper.yaml"
     cfg = load_config(DVRPRecipeConfig, path)
     d = cfg.dvrp
-    assert (d.mask_prob, d.t_init, d.gamma, d.num_noise_steps, d.divergence) == (0.6, 500, 10.0, 1000, "full")
+    assert (d.mask_prob, d.t_init, d.gamma, d.num_noise_steps, d.kl_method) == (0.6, 500, 10.0, 1000, "full")
     assert (d.lambda_nec, d.lambda_rob, d.lambda_ent, cfg.algorithm.kl_coef) == (0.01, 0.01, 0.05, 0.0)
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     for line in path.read_text().splitlines():  # every number and switch names its source

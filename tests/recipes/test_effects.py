@@ -194,7 +194,7 @@ def _view_metrics(model_dir, heldout, blank) -> dict[str, float]:
                                     row_index=start + k).masked for k, row in enumerate(chunk)]
             batch = policy.sample(policy.prompts(chunk), seed=7, num_generations=2, max_new_tokens=32)
             terms = view_token_terms(policy.model, policy.family, batch,
-                                     {"masked": policy.prompts(chunk, images=masked)}, divergence="full")
+                                     {"masked": policy.prompts(chunk, images=masked)}, kl_method="full")
             mask = batch.completion_mask_NT.bool()
             kl_sum += float(terms.kl_NT["masked"][mask].sum())
             tokens += int(mask.sum())

@@ -105,7 +105,7 @@ def test_shipped_config_is_the_embedded_default_and_bad_values_are_refused():
     assert to_dict(load_config(cls, shipped)) == to_dict(load_config(cls))
     cfg = load_config(cls)
     assert (cfg.sophia.threshold, cfg.model.freeze_vision, cfg.reasoner.kind) == (0.75, True, "transformers")
-    assert load_config(cls, None, [*CHUNKED, "sophia.rows_per_round=10", "sophia.prompts_per_step=4"]).max_steps == 3
+    assert load_config(cls, None, [*CHUNKED, "sophia.rows_per_round=10", "prompts_per_step=4"]).max_steps == 3
     # rounds (the default) set max_steps = warmup_steps + rounds x steps_per_round, whatever max_steps says
     assert load_config(cls, None, ["max_steps=99", "sophia.rounds=3", "sophia.steps_per_round=5",
                                    "sophia.warmup_steps=1"]).max_steps == 16
@@ -137,7 +137,7 @@ def test_one_step_trains_on_exactly_the_kept_solution_of_the_original_prompt(tmp
     questions = list(ANSWERS)  # two solvable rows, one not
     data = _data(tmp_path, questions)
     cfg = load_config(SophiaRecipe.config_class, None,
-                      _scripted(data, f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3",
+                      _scripted(data, f"output_dir={tmp_path / 'run'}", "prompts_per_step=3",
                                 "sophia.micro_batch_prompts=1"))
     cfg.model.name_or_path = str(warm_model())
     recipe = SophiaRecipe(cfg)
@@ -191,7 +191,7 @@ def test_runs_move_parameters_only_when_something_is_kept(tmp_path):
     # nothing solvable: every step has loss 0 and no update
     none = run_recipe(SophiaRecipe, None, _scripted(_data(tmp_path, ["What colour is shape three?"] * 2),
                                                     f"output_dir={tmp_path / 'none'}", "max_steps=2",
-                                                    "sophia.prompts_per_step=2"))
+                                                    "prompts_per_step=2"))
     records = _metrics(tmp_path / "none")
     assert [r["sophia/kept_rows"] for r in records] == [0, 0] and all(r["loss"] == 0.0 for r in records)
     after = _weights(none)
@@ -199,7 +199,7 @@ def test_runs_move_parameters_only_when_something_is_kept(tmp_path):
     # solvable rows: the language model and projector move, the frozen vision tower does not
     kept = run_recipe(SophiaRecipe, None, _scripted(_data(tmp_path, sorted(SOLVABLE)),
                                                     f"output_dir={tmp_path / 'kept'}", "max_steps=1",
-                                                    "sophia.prompts_per_step=2"))
+                                                    "prompts_per_step=2"))
     (rec,) = _metrics(tmp_path / "kept")
     assert rec["sophia/kept_rows"] == 2 and rec["loss"] > 0 and rec["nll"] > 0
     after = _weights(kept)
@@ -258,7 +258,7 @@ def test_solutions_are_normalised_long_ones_rejected_and_image_markers_stripped(
     data = save_canonical(rows, tmp_path / "styled")
     cfg = load_config(SophiaRecipe.config_class, None,
                       [f"data.train={data}", "reasoner.kind=python", f"reasoner.path={__name__}:styled_reasoner",
-                       *FAST, f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3", "sophia.reward=hard"])
+                       *FAST, f"output_dir={tmp_path / 'run'}", "prompts_per_step=3", "sophia.reward=hard"])
     cfg.model.name_or_path = str(warm_model())
     recipe = SophiaRecipe(cfg)
     recipe.setup()

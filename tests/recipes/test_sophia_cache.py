@@ -46,7 +46,7 @@ def _run(tmp_path: Path, out: str, *extra: str) -> list[dict]:
                         for i, (q, a) in enumerate(ANSWERS.items())], data)
     run_recipe(SophiaRecipe, None, [f"data.train={data}", "reasoner.kind=python", f"reasoner.path={__name__}:scripted",
                                     "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
-                                    "sophia.prompts_per_step=2", "max_steps=2", "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",  "progress=false", "trackers=[jsonl]",
+                                    "prompts_per_step=2", "max_steps=2", "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",  "progress=false", "trackers=[jsonl]",
                                     f"output_dir={tmp_path / out}", *extra])
     return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 

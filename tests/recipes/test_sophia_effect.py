@@ -102,7 +102,7 @@ def test_selected_captions_state_the_fact_and_training_on_them_beats_unselected(
     train = build_dataset("color", 32, 0, tmp_path / "train")
     heldout = build_dataset("color", 64, 99, tmp_path / "heldout")
     common = [f"data.train={train}", "seed=0", "progress=false", "trackers=[jsonl]", "sophia.warmup_steps=0",
-              "sophia.rounds=1", "sophia.rows_per_round=32", "sophia.prompts_per_step=8",
+              "sophia.rounds=1", "sophia.rows_per_round=32", "prompts_per_step=8",
               "sophia.steps_per_round=8", "sophia.num_captions=4", "sophia.num_solutions=2",
               "sophia.caption_max_new_tokens=32", "sophia.caption_temperature=1.5", "optim.lr=3e-4",
               "reasoner.kind=python"]

@@ -13,7 +13,7 @@ from recipes.sophia import SophiaRecipe
 from vlreason.config import load_config
 
 GRPO = ["sophia.rounds=1", "sophia.rows_per_round=2", "sophia.steps_per_round=1", "sophia.grpo_steps=2",
-        "grpo.prompts_per_step=2", "grpo.micro_batch_prompts=2", "rollout.num_generations=2",
+        "prompts_per_step=2", "grpo.micro_batch_prompts=2", "rollout.num_generations=2",
         "rollout.max_new_tokens=8"]
 
 

@@ -50,7 +50,7 @@ def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
             for i, ((q, a), m) in enumerate(zip(ANSWERS.items(), metas))]
     data = save_canonical(rows, tmp_path / "data")
     cfg = load_config(SophiaRecipe.config_class, None, [
-        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3",
+        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "prompts_per_step=3",
         "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
         "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
         "reasoner.kind=python", f"reasoner.path={__name__}:easy",
@@ -82,7 +82,7 @@ def test_route_by_the_vlms_own_pass_rate(tmp_path):
                           source="test") for i, (q, a) in enumerate(answers.items())]
     data = save_canonical(rows, tmp_path / "data")
     cfg = load_config(SophiaRecipe.config_class, None, [
-        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "sophia.prompts_per_step=3",
+        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "prompts_per_step=3",
         "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
         "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
         "sophia.route_by=pass_rate", "sophia.pass_rate_samples=4", "sophia.hard_below=0.5",

@@ -22,7 +22,7 @@ def test_warmup_steps_train_on_solutions_then_sophia_runs(tmp_path):
                            for i, (q, a) in enumerate(ANSWERS.items())], tmp_path / "data")
     args = [f"data.train={data}", "reasoner.kind=python", "reasoner.path=test_sophia_cache:scripted",
             "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
-            "sophia.prompts_per_step=2", "progress=false", "trackers=[jsonl]", f"output_dir={tmp_path / 'run'}",
+            "prompts_per_step=2", "progress=false", "trackers=[jsonl]", f"output_dir={tmp_path / 'run'}",
             "sophia.rounds=0", "sophia.warmup_steps=1", f"sophia.warmup_data={warm}", "sophia.rows_per_round=2"]
     assert load_config(SophiaRecipe.config_class, None, args).max_steps == 2  # 1 warm-up + 1 SOPHIA step
     CALLS.clear()

@@ -24,7 +24,7 @@ from vlreason.rollout.chunked_entropy import chunked_entropy
 from vlreason.rollout.forward import completion_hidden_states, pixel_rows
 from vlreason.views.noise import NUM_STEPS, noise_pixel_values
 
-DIVERGENCE_KINDS = ("full", "sampled")
+KL_METHODS = ("full", "sampled")
 
 
 def noised_prompts(prompts: PromptBatch, processor, t: int, seeds: list[int], *,
@@ -78,19 +78,19 @@ class ViewTerms:
 
 
 def view_token_terms(model, family: Family, batch: RolloutBatch, views: dict[str, PromptBatch], *,
-                     divergence: str = "full", estimator: str = "k3", detach_orig: bool = False,
+                     kl_method: str = "full", estimator: str = "k3", detach_orig: bool = False,
                      temperature: float = 1.0, chunk_size: int = 256, kl_chunk_size: int = 0) -> ViewTerms:
     """Log-probs under the original image, KL(pi_orig || pi_view) and H(pi_view) per view.
 
-    ``divergence="full"``: the exact full-vocabulary KL (:func:`chunked_full_kl`,
+    ``kl_method="full"``: the exact full-vocabulary KL (:func:`chunked_full_kl`,
     ``kl_chunk_size`` positions at a time, activation-checkpointed). ``"sampled"``:
     :func:`~vlreason.algorithms.divergence.sampled_token_kl` on the sampled tokens
     (``estimator``), whose gradient on pi_orig is the score-function term, so both sides
     get the exact KL's gradient in expectation (k1 / k3). ``detach_orig``: no gradient
     to pi_orig through the KL terms in either mode.
     """
-    if divergence not in DIVERGENCE_KINDS:
-        raise ValueError(f"divergence must be one of {list(DIVERGENCE_KINDS)}, got {divergence!r}")
+    if kl_method not in KL_METHODS:
+        raise ValueError(f"kl_method must be one of {list(KL_METHODS)}, got {kl_method!r}")
     weight = family.lm_head(model).weight
     h_orig, mask_NT = scaled_hidden(model, family, batch, temperature)
     ids_M = batch.completion_ids_NT.to(h_orig.device)[mask_NT]
@@ -100,7 +100,7 @@ def view_token_terms(model, family: Family, batch: RolloutBatch, views: dict[str
     for name, prompts in views.items():
         h_view, _ = scaled_hidden(model, family, replace(batch, prompts=prompts), temperature)
         ent[name] = scatter_tokens(chunked_entropy(h_view, weight, chunk_size=chunk_size, with_grad=True), mask_NT)
-        if divergence == "full":
+        if kl_method == "full":
             kl_M = chunked_full_kl(h_p, h_view, weight, chunk_size=kl_chunk_size or chunk_size)
         else:
             logp_view_M = gather_logprobs(h_view, weight, ids_M, chunk_size=chunk_size)

@@ -48,7 +48,7 @@ class RowGate:
     ``tokenizer``: its special tokens may not appear as text in a question or choice.
     ``check``: the recipe's own test of a row (e.g. SFT's "has a target")."""
 
-    def __init__(self, stream: RowStream, tokenizer: Any = None, *, check: RowCheck | None = None):
+    def __init__(self, stream: RowStream | None, tokenizer: Any = None, *, check: RowCheck | None = None):
         self.stream = stream
         self.tokenizer = tokenizer
         self.check = check
@@ -59,9 +59,13 @@ class RowGate:
         rank, size = world()
         drawn = self.stream.next_rows(count)
         mine = shard(list(range(len(drawn))), rank, size)
-        out = StepRows(drawn=len(mine))
-        for i in mine:
-            row = drawn[i]
+        return self.admit(step, [drawn[i] for i in mine], index=mine)
+
+    def admit(self, step: int, rows: list[dict[str, Any]], index: list[int] | None = None) -> StepRows:
+        """The usable ones of ``rows`` (already this process's), with their images;
+        ``index``: the rows' global positions (default 0, 1, ...)."""
+        out = StepRows(drawn=len(rows))
+        for i, row in zip(index if index is not None else range(len(rows)), rows, strict=True):
             try:
                 refuse_special_tokens(row, self.tokenizer)
                 if self.check is not None:

@@ -16,7 +16,6 @@ from typing import Any
 
 from vlreason.algorithms.sophia import Selection, select_solutions
 from vlreason.data.schema import IMAGE_PLACEHOLDER
-from vlreason.data.stream import shard
 from vlreason.reasoners import normalise_solution, think_left_open
 from vlreason.rewards import accuracy_reward
 from vlreason.rewards.format import is_strict_format
@@ -44,28 +43,24 @@ def reasoner_question(question: str) -> str:
 class SophiaCollector:
     """Captions, reasoner solutions, rewards and selections (see the module docstring)."""
 
+    @property
+    def skipped_rows(self) -> int:
+        return self.rows.skipped
+
+    @skipped_rows.setter
+    def skipped_rows(self, value: int) -> None:
+        self.rows.skipped = value
+
     def usable_rows(self, step: int, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """This process's share of the step's rows (``rows``, else drawn from the stream)
-        whose prompt decodes and fits; the others are counted in ``skipped_rows`` and logged."""
-        rank, size = world()
-        if rows is None:
-            rows = shard(self.stream.next_rows(self.cfg.sophia.prompts_per_step), rank, size)
-        max_tokens = self.policy.rollout.prompt.max_prompt_tokens
-        usable = []
-        for row in rows:
-            try:
-                length = int(self.policy.prompts([row]).attention_mask_PT.sum())
-            except ValueError as err:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
-                continue
-            if length > max_tokens:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': prompt has %d tokens > rollout.prompt.max_prompt_tokens=%d",
-                            step + 1, row.get("id"), length, max_tokens)
-                continue
-            usable.append(row)
-        return usable
+        """This process's share of the step's rows (``rows``, else ``prompts_per_step`` drawn
+        from the stream) through the row gate (``self.rows``): rows whose images do not
+        decode, whose text holds a special token or whose prompt is over the limit are
+        counted in ``skipped_rows`` and logged."""
+        taken = self.rows.draw(step, self.cfg.prompts_per_step) if rows is None else self.rows.admit(step, rows)
+        if taken.rows:
+            lengths = self.policy.prompts(taken.rows, images=taken.images).attention_mask_PT.sum(-1).tolist()
+            taken = self.rows.within_limit(step, taken, lengths, self.policy.rollout.prompt.max_prompt_tokens)
+        return taken.rows
 
     def captions(self, rows: list[dict[str, Any]], seed: int) -> list[list[str]]:
         """K captions per row from ``sophia.caption_prompt``, without the run's prompt

@@ -21,8 +21,6 @@ SOLUTION_TEMPLATE = (
 
 @dataclass
 class SophiaConfig:
-    prompts_per_step: int = doc("Rows captioned, reasoned about and trained on per optimizer step, "
-                                "over all processes.", 4)
     rows_per_round: int = doc("Rows collected per round. rounds > 0: required (>= 1). rounds = 0 "
                               "(chunked): > 0 sets max_steps = warmup_steps + ceil(rows_per_round / "
                               "prompts_per_step); 0 keeps max_steps.", 8)
@@ -73,9 +71,8 @@ class SophiaConfig:
                                  "solution_max_new_tokens for long reasoners.", 512)
 
     def validate(self) -> None:
-        if min(self.prompts_per_step, self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
-            raise ValueError("sophia.prompts_per_step, micro_batch_prompts, num_captions and "
-                             "num_solutions must be >= 1")
+        if min(self.micro_batch_prompts, self.num_captions, self.num_solutions) < 1:
+            raise ValueError("sophia.micro_batch_prompts, num_captions and num_solutions must be >= 1")
         if self.route_by not in ("difficulty", "pass_rate"):
             raise ValueError(f"sophia.route_by must be difficulty or pass_rate, got '{self.route_by}'")
         if self.pass_rate_samples < 1 or not 0.0 < self.hard_below <= 1.0:

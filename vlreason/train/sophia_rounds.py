@@ -98,7 +98,7 @@ class SophiaRounds:
         """Collect round ``r`` with the VLM as it is now (nothing is updated until the round
         is on disk) and write it (:func:`write_collection`)."""
         s = self.cfg.sophia
-        chunks = [(1_000_000 * (r + 1) + c, None) for c in range(math.ceil(s.rows_per_round / s.prompts_per_step))]
+        chunks = [(1_000_000 * (r + 1) + c, None) for c in range(math.ceil(s.rows_per_round / self.cfg.prompts_per_step))]
         records, kept, summary = self.collect_rows(chunks, timer, {"sophia_round": r})
         out = write_collection(self.round_dir(r), records, kept, {"round": r, **summary})
         log.info("SOPHIA round %d collected: %d of %d rows kept -> %s", r, len(kept), len(records), out)
@@ -123,10 +123,10 @@ class SophiaRounds:
         return self.round_cache[1]
 
     def round_batch(self, step: int, timer: StepTimer) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
-        s = self.cfg.sophia
+        s, n = self.cfg.sophia, self.cfg.prompts_per_step
         r, k = divmod(step, s.steps_per_round)
         rows = self.round_rows(r, timer)
-        batch = [rows[(k * s.prompts_per_step + i) % len(rows)] for i in range(s.prompts_per_step)] if rows else []
+        batch = [rows[(k * n + i) % len(rows)] for i in range(n)] if rows else []
         metrics: dict[str, Any] = {"sophia/round": r, "sophia/round_kept_rows": len(rows)}
         if k == 0:
             self.kept_rows_total += len(rows)
