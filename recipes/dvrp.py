@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,8 +69,7 @@ from vlreason.algorithms.divergence import dvrp_regularizer
 from vlreason.algorithms.kl import KL_ESTIMATORS
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
-from vlreason.paths import warm_model
-from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
@@ -139,15 +137,9 @@ class DVRPRecipeConfig(RunConfig):
 class DVRPRecipe(Recipe):
     config_class = DVRPRecipeConfig
 
-    @staticmethod
-    def default_model() -> Path:
-        """The bundled warm tiny checkpoint: RL needs a model that can already see."""
-        return warm_model()
-
     def setup(self) -> None:
         cfg = self.cfg
-        self.policy = load_policy(cfg, with_reference=cfg.algorithm.kl_coef > 0)
-        self.model = self.policy.model
+        self.start_policy(with_reference=cfg.algorithm.kl_coef > 0)
         self.train_data = load_split(cfg.data.train, "train")
         self.row_index = {str(i): k for k, i in enumerate(self.train_data["id"])}
         self.stream = RowStream(self.train_data, seed=cfg.seed)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +21,7 @@ import torch
 from vlreason.config import doc
 from vlreason.data.stream import RowStream
 from vlreason.evaluation import EvalConfig
-from vlreason.paths import warm_model
-from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.policy import RolloutConfig
 from vlreason.train.grpo import GRPOConfig, GRPOPhases
@@ -56,15 +54,9 @@ class GRPORecipeConfig(RunConfig):
 class GRPORecipe(Recipe):
     config_class = GRPORecipeConfig
 
-    @staticmethod
-    def default_model() -> Path:
-        """The bundled warm tiny checkpoint: RL needs a model that can already see."""
-        return warm_model()
-
     def setup(self) -> None:
         cfg = self.cfg
-        self.policy = load_policy(cfg, with_reference=cfg.algorithm.kl_coef > 0)
-        self.model = self.policy.model
+        self.start_policy(with_reference=cfg.algorithm.kl_coef > 0)
         train = load_split(cfg.data.train, "train")
         self.stream = RowStream(train, seed=cfg.seed)
         self.phases = GRPOPhases(cfg.algorithm, self.policy, self.stream, cfg.seed,

@@ -85,10 +85,9 @@ from vlreason.algorithms.sophia import Selection, select_solutions  # noqa: F401
 from vlreason.config import doc
 from vlreason.data.stream import RowStream, shard
 from vlreason.models.loading import ModelConfig
-from vlreason.paths import warm_model
 from vlreason.reasoner_cache import with_cache
 from vlreason.reasoners import Reasoner, ReasonerConfig, build_reasoner
-from vlreason.recipe_base import Recipe, RunConfig, load_policy, load_split, run_recipe_cli
+from vlreason.recipe_base import Recipe, RunConfig, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import RolloutConfig
@@ -157,15 +156,10 @@ class SophiaRecipeConfig(RunConfig):
 class SophiaRecipe(SophiaRounds, SophiaCollector, Recipe):
     config_class = SophiaRecipeConfig
 
-    @staticmethod
-    def default_model() -> Path:
-        return warm_model()
-
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.policy = load_policy(cfg)
-        self.model = self.policy.model
+        self.start_policy()
         self.reasoner: Reasoner = with_cache(build_reasoner(cfg.reasoner), cfg.reasoner, cfg.output_dir,
                                              rank=world()[0])
         self.reasoner_hard: Reasoner | None = None

@@ -75,6 +75,21 @@ class Recipe:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @staticmethod
+    def default_model() -> Path:
+        """The model when ``model.name_or_path`` is empty: the bundled warm tiny checkpoint
+        (RL and distillation need a model that can already see and answer); recipes that
+        start from scratch (SFT, Vision-R1's cold start) override it."""
+        from vlreason.paths import warm_model
+
+        return warm_model()
+
+    def start_policy(self, *, with_reference: bool = False):
+        """Load ``cfg.model`` as this recipe's ``policy`` (and ``model``), seeded; see :func:`load_policy`."""
+        self.policy = load_policy(self.cfg, with_reference=with_reference)
+        self.model = self.policy.model
+        return self.policy
+
     def train(self) -> Path:
         return self.trainer.fit()
 

@@ -57,7 +57,7 @@ from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
 from vlreason.train.distributed import all_reduce, global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer
-from vlreason.train.rows import RowGate, none_usable
+from vlreason.train.rows import RowGate, SkippedRows, none_usable
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _Rollout:
     updates_done: int = 0
 
 
-class GRPOPhases:
+class GRPOPhases(SkippedRows):
     def __init__(self, cfg: GRPOConfig, policy: Policy, stream: RowStream, seed: int, *, prompts_per_step: int):
         self.cfg = cfg
         self.prompts_per_step = prompts_per_step  # the run's prompts_per_step (RunConfig)
@@ -172,14 +172,6 @@ class GRPOPhases:
         if policy.rollout.num_generations == 1 and cfg.advantage == "grpo":
             log.warning("rollout.num_generations=1: every group has one completion, so every "
                         "group-normalised advantage is 0 and GRPO cannot learn; use G >= 2")
-
-    @property
-    def skipped_rows(self) -> int:
-        return self.rows.skipped
-
-    @skipped_rows.setter
-    def skipped_rows(self, value: int) -> None:
-        self.rows.skipped = value
 
     def next_prompts(self, step: int, count: int | None = None):
         """This process's share of the next ``count`` (default ``prompts_per_step``) prompts,

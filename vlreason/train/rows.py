@@ -92,5 +92,20 @@ class RowGate:
         log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), reason)
 
 
+class SkippedRows:
+    """``skipped_rows``: the row gate's count (``self.rows.skipped``) as a read/write
+    attribute, for the phases and collectors that checkpoint and log it."""
+
+    rows: RowGate
+
+    @property
+    def skipped_rows(self) -> int:
+        return self.rows.skipped
+
+    @skipped_rows.setter
+    def skipped_rows(self, value: int) -> None:
+        self.rows.skipped = value
+
+
 def none_usable(step: int) -> RuntimeError:
     return RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")

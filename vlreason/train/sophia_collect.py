@@ -23,6 +23,7 @@ from vlreason.rollout.generate import SamplingConfig
 from vlreason.rollout.prompts import build_prompt_batch
 from vlreason.train.distributed import hash_seed, world
 from vlreason.train.metrics import StepTimer
+from vlreason.train.rows import SkippedRows
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,8 @@ def reasoner_question(question: str) -> str:
 
 
 
-class SophiaCollector:
+class SophiaCollector(SkippedRows):
     """Captions, reasoner solutions, rewards and selections (see the module docstring)."""
-
-    @property
-    def skipped_rows(self) -> int:
-        return self.rows.skipped
-
-    @skipped_rows.setter
-    def skipped_rows(self, value: int) -> None:
-        self.rows.skipped = value
 
     def usable_rows(self, step: int, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """This process's share of the step's rows (``rows``, else ``prompts_per_step`` drawn
