@@ -73,7 +73,7 @@ def test_run_trains_student_and_ema_teacher(straight, base_weights):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "jsd", "agreement", "completion_len", "truncated_frac", "weight_mean",
                 "teacher/distance", "data/skipped_rows", "data/no_box_rows",
-                "time/rollout", "time/student_topk", "time/teacher", "time/update"):
+                "time/rollout", "time/teacher", "time/update"):
         assert key in records[-1], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert all(0.0 <= r["agreement"] <= 1.0 for r in records)
@@ -172,8 +172,9 @@ def test_teacher_input_is_the_crop(recipe):
 def test_loss_is_zero_when_teacher_is_student_on_the_same_image(recipe):
     recipe.cfg.teacher.view = "full"
     try:
-        micro, metrics = recipe.prepare(0, StepTimer())
+        micro, _ = recipe.prepare(0, StepTimer())
         losses = [recipe.step(mb)[0] for mb in micro]
+        metrics = recipe.after_update(0)  # the step's jsd / agreement, from the loss pass
     finally:
         recipe.cfg.teacher.view = "crop"
     total = sum(float(loss.detach()) for loss in losses)
@@ -308,3 +309,44 @@ def test_fsdp2_bf16_teacher_ema_through_sharded_student(tmp_path, base_weights):
     assert teacher and all(t.dtype == torch.float32 for t in teacher.values())
     assert any(not torch.equal(teacher[n], base_weights[n]) for n in teacher)
     assert all(r["teacher/distance"] > 0 for r in _metrics(run))
+
+
+def test_several_updates_per_rollout_weight_departs_from_one_and_is_capped(tmp_path):
+    """algorithm.updates_per_rollout=4, mini_batches=2: one rollout serves four updates
+    (mini-batch 0, 1, 0, 1); logp_old is fixed at the rollout's weights (mini-batch 0's
+    from update 0's own forward, mini-batch 1's from a pass before it), so once the
+    student has moved the importance weight departs from 1, and it never exceeds
+    algorithm.ratio_cap (here 1.02, reached by some token); the fifth step samples anew."""
+    cap = 1.02
+    cfg = load_config(VisionOPDRecipe.config_class, None, [
+        f"output_dir={tmp_path / 'k4'}", *FAST, "algorithm.prompts_per_step=1", "algorithm.updates_per_rollout=4",
+        "algorithm.mini_batches=2", f"algorithm.ratio_cap={cap}"])
+    cfg.model.name_or_path = str(VisionOPDRecipe.default_model())
+    r = VisionOPDRecipe(cfg)
+    r.setup()
+    seen = []
+    for step in range(5):
+        micro, metrics = r.prepare(step, StepTimer())
+        outs = [r.step(mb)[1] for mb in micro]
+        seen.append((metrics, outs, [id(mb) for mb in micro]))
+        assert all(mb.old_logprobs_NT is not None for mb in micro)
+        # stands in for an optimizer update: a step that raises the sampled tokens' log-probs
+        params = [p for p in r.model.parameters() if p.requires_grad]
+        logp = sum(r.policy.token_outputs(mb).logprobs_NT.sum() for mb in micro)
+        grads = torch.autograd.grad(logp, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g / norm, alpha=0.5)
+    assert [m["rollout/mini_batch"] for m, _, _ in seen] == [0, 1, 0, 1, 0]
+    assert [m["rollout/reused"] for m, _, _ in seen] == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert seen[2][2] == seen[0][2] and seen[3][2] == seen[1][2]  # the same micro-batches reused
+    for u in (0, 4):  # a fresh rollout's first update runs at the rollout's weights
+        assert all(o["weight_mean"] == pytest.approx(1.0, abs=1e-5) for o in seen[u][1])
+    for u in (1, 2, 3):  # the student has moved since the rollout
+        assert all(abs(o["weight_mean"] - 1.0) > 1e-3 for o in seen[u][1]), seen[u][1]
+        assert all(o["weight_max"] <= cap + 1e-6 for o in seen[u][1])
+    assert any(o["weight_max"] == pytest.approx(cap) for u in (1, 2, 3) for o in seen[u][1])
+    with pytest.raises((ValueError, Exception), match="must divide"):
+        load_config(VisionOPDRecipe.config_class, None, ["algorithm.updates_per_rollout=3",
+                                                         "algorithm.mini_batches=2"])
