@@ -350,3 +350,31 @@ def test_several_updates_per_rollout_weight_departs_from_one_and_is_capped(tmp_p
     with pytest.raises((ValueError, Exception), match="must divide"):
         load_config(VisionOPDRecipe.config_class, None, ["algorithm.updates_per_rollout=3",
                                                          "algorithm.mini_batches=2"])
+
+
+def test_teacher_reads_the_rows_teacher_image_under_its_own_budget(recipe):
+    """A row carrying teacher_images (data_pipelines/opd_crops.py) gives the teacher that
+    image, not a run-time crop; teacher prompts use the teacher's budget (default: the
+    student's max_pixels x upscale^2), so an enlarged crop is not shrunk to the student's."""
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.opd_crops import teacher_crop_row
+    from vlreason.data.images import encode_image
+
+    row = dict(_first_row(recipe))
+    given = Image.fromarray(np.full((168, 168, 3), 200, dtype=np.uint8))
+    _, teacher = recipe.views({**row, "teacher_images": [encode_image(given)]})
+    assert np.array_equal(np.asarray(teacher[0]), np.asarray(given))
+    student_budget, budget = recipe.policy.budget, recipe.teacher_budget
+    assert budget.max_pixels == round(student_budget.max_pixels * recipe.cfg.teacher.upscale ** 2)
+    prompts = recipe.teacher_prompts([row], [[given]])
+    h, w = (int(v) * 14 for v in prompts.image_grid_thw[0, 1:])
+    assert (w, h) == budget.target_size(168, 168) == (168, 168)  # within the teacher's budget
+    assert student_budget.target_size(168, 168) != (168, 168)  # the student's would shrink it
+    # the pipeline's crop equals the recipe's run-time crop
+    t = recipe.cfg.teacher
+    written = teacher_crop_row(row, margin=t.margin, upscale=t.upscale, min_size=t.min_size)
+    _, from_data = recipe.views(written)
+    _, at_run_time = recipe.views(row)
+    assert np.array_equal(np.asarray(from_data[0]), np.asarray(at_run_time[0]))
