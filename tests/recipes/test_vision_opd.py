@@ -378,3 +378,19 @@ def test_teacher_reads_the_rows_teacher_image_under_its_own_budget(recipe):
     _, from_data = recipe.views(written)
     _, at_run_time = recipe.views(row)
     assert np.array_equal(np.asarray(from_data[0]), np.asarray(at_run_time[0]))
+
+
+def test_paper_config_has_the_papers_numbers_and_says_where_each_value_comes_from():
+    import re
+
+    path = Path(__file__).parents[2] / "recipes" / "configs" / "vision_opd_paper.yaml"
+    cfg = load_config(VisionOPDRecipe.config_class, path)
+    a, t, ro = cfg.algorithm, cfg.teacher, cfg.rollout
+    assert (a.prompts_per_step, ro.num_generations, ro.temperature, ro.max_new_tokens) == (96, 8, 1.0, 1024)
+    assert (a.topk, a.divergence, a.alpha, a.ratio_cap, a.aggregation) == (100, "jsd", 0.5, 2.0, "token-mean")
+    assert (t.ema, t.view, t.upscale, a.draw_box) == (0.05, "crop", 2.0, True)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.max_steps) == (2e-6, 10, 6241 // 96)
+    assert ro.max_pixels >= 1024 * 1024 > 112 * 112  # a real student budget for fine detail
+    for line in path.read_text().splitlines():  # every value carries its source
+        if re.match(r"^\s*[a-z_]+: \S", line):
+            assert re.search(r"#.*(\[M|\[ours\]|set it|all rows)", line), line
