@@ -6,8 +6,9 @@
 Two copies of one model. The student (the trained policy) sees the full image and
 samples G completions per prompt; the teacher (a separate copy, no gradients, EMA of
 the student after every optimizer step) sees an evidence-centred crop of the row's
-``boxes[0]`` (vlreason.views.crop_to_box: ``teacher.margin``, enlarged
-``teacher.upscale`` x), built at run time, with the same text. On every completion
+``boxes[0]`` (the row's ``teacher_images[0]`` written by data_pipelines/opd_crops.py,
+else vlreason.views.crop_to_box at run time: ``teacher.margin``, enlarged
+``teacher.upscale`` x; under the teacher's own pixel budget), with the same text. On every completion
 token the student's top-k log-probs (with gradient) and the teacher's log-probs at the
 SAME ids, each plus a tail bucket, are compared by the generalised JSD (alpha 0.5);
 tokens are weighted by the detached ``min(exp(logp - logp_old), 2)`` and the loss is the
