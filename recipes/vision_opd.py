@@ -6,8 +6,9 @@
 Two copies of one model. The student (the trained policy) sees the full image and
 samples G completions per prompt; the teacher (a separate copy, no gradients, EMA of
 the student after every optimizer step) sees an evidence-centred crop of the row's
-``boxes[0]`` (vlreason.views.crop_to_box: ``teacher.margin``, enlarged
-``teacher.upscale`` x), built at run time, with the same text. On every completion
+``boxes[0]`` (the row's ``teacher_images[0]`` written by data_pipelines/opd_crops.py,
+else vlreason.views.crop_to_box at run time: ``teacher.margin``, enlarged
+``teacher.upscale`` x; under the teacher's own pixel budget), with the same text. On every completion
 token the student's top-k log-probs (with gradient) and the teacher's log-probs at the
 SAME ids, each plus a tail bucket, are compared by the generalised JSD (alpha 0.5);
 tokens are weighted by the detached ``min(exp(logp - logp_old), 2)`` and the loss is the
@@ -15,40 +16,50 @@ token mean over the whole step (the global-count normalisation of GRPOPhases). N
 reward, advantage or reference KL. The maths is ``vlreason.algorithms.vision_opd_loss``
 (the loss) and ``vlreason.algorithms.opd`` (the step's diagnostics, the EMA teacher step).
 
-One step:
+One rollout (every ``algorithm.updates_per_rollout`` steps; K = 1 by default):
 
-1. rollout: draw ``prompts_per_step`` rows, build the student prompts (full
-   image, optionally with the box drawn in red) and the teacher prompts (the crop),
-   sample G completions at the rollout temperature (1.0);
-2. teacher (no gradients), per micro-batch: the student's top-k ids and log-probs
-   (``time/student_topk``), then the teacher's log-probs at those ids on the teacher
-   prompts (``time/teacher``): the completions are re-scored under the other prompts by
-   swapping the batch's ``prompts`` (same rows, same order, so ``group_ids_N`` still
-   points at the right prompt);
-3. update: the student's log-probs at the stored ids with gradient, the loss, backward;
-4. after the optimizer step: theta_T <- (1 - teacher.ema) theta_T + teacher.ema theta_S
+1. draw ``prompts_per_step`` x ``algorithm.mini_batches`` rows, build the
+   student prompts (full image, optionally with the box drawn in red) and the teacher
+   prompts (the row's ``teacher_images[0]`` when present, else the crop of ``boxes[0]``;
+   under the teacher's own pixel budget: vlreason.views.teacher), sample G completions
+   at the rollout temperature (1.0), cut into M mini-batches of micro-batches.
+
+One step (optimizer update u of the rollout, on mini-batch u mod M), per micro-batch:
+
+2. one student forward with gradient: its top-k ids at every completion token and its
+   log-probs at those ids (``token_outputs(topk=..., at_topk=True)``);
+3. the teacher (no gradients, ``time/teacher``): its log-probs at the same ids on the
+   teacher prompts (the completions are re-scored under the other prompts by swapping
+   the batch's ``prompts``: same rows, same order, so ``group_ids_N`` still points at
+   the right prompt);
+4. the loss and, from the same per-token divergence, the step's ``jsd`` / ``agreement``
+   sums (``vlreason.algorithms.opd.opd_loss_and_sums``: the divergence is computed once);
+5. after the optimizer step: theta_T <- (1 - teacher.ema) theta_T + teacher.ema theta_S
    over the trainable tensors (the frozen ones are equal in both copies), accumulated
    in an fp32 shadow; the teacher's forward copy (in the compute dtype, e.g. bf16) is
    refreshed from it (``vlreason.algorithms.opd.ema_teacher_step_``).
 
-Logged every step: ``loss``, ``jsd`` (token mean over the step before the update),
-``agreement`` (fraction of tokens where the teacher's argmax among the student's top-k
-is the student's top-1), ``weight_mean``, ``student_tail_mass``, ``teacher_tail_mass``,
-``completion_len``, ``completion_len_max``, ``truncated_frac``, ``data/skipped_rows``,
+Logged every step: ``loss``, ``jsd`` (token mean over the step, at the weights before
+the update), ``agreement`` (fraction of tokens where the teacher's argmax among the
+student's top-k is the student's top-1), ``weight_mean``, ``student_tail_mass``,
+``teacher_tail_mass``, ``completion_len``, ``completion_len_max``, ``truncated_frac``,
+``student_image_tokens``, ``teacher_image_tokens``, ``data/skipped_rows``,
 ``data/no_box_rows``, ``teacher/distance`` (L2 distance teacher - student over the
-trainable tensors, after the EMA), ``time/rollout``, ``time/student_topk``,
-``time/teacher``, ``time/update``.
+trainable tensors, after the EMA), ``time/rollout``, ``time/teacher`` (inside
+``time/update``), ``time/update``; with K > 1 also ``rollout/update``,
+``rollout/mini_batch``, ``rollout/reused``.
 
 Choices made here (see docs/vision_opd.md):
 
-* **Importance weight.** One optimizer update per rollout, so the policy that scores
-  the loss is the one that sampled: ``logp_old`` is the student's no-gradient score
-  from step 2 and the weight is 1 (up to float rounding; logged as ``weight_mean``). The
-  formula is kept so that several updates per rollout would weight correctly.
-* **Top-k ids** come from the no-gradient student pass in step 2 (the student has not
-  changed between then and the loss); the loss gathers the student's log-probs at
-  those ids with gradient (``token_outputs(at_ids_NTK=...)``). ``algorithm.topk`` is
-  clamped to the vocabulary size.
+* **Importance weight.** ``logp_old`` is fixed at the rollout's weights, taken once
+  before the first update (mini-batch 0's from update 0's own forward, the others' by
+  one no-gradient pass), as in vlreason.train.grpo. With K = 1 the weight is exactly 1;
+  from the second update on it is min(exp(logp - logp_old), ratio_cap). The rollout is
+  not stored in checkpoints: a resume inside a rollout's K updates samples a new one
+  (logged); save_steps a multiple of K keeps resume exact.
+* **Top-k ids** come from the student forward of the update itself (the current
+  student, at every update) and the teacher is scored at them at its current (EMA)
+  weights; ``algorithm.topk`` is clamped to the vocabulary size.
 * **Rows without a box.** ``teacher.no_box=skip`` (default) drops such a row from the
   step and counts it in ``data/no_box_rows`` and ``data/skipped_rows`` (with a
   warning, never silently); ``teacher.no_box=full`` lets the teacher see the full
@@ -84,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlreason.algorithms import (
     AGGREGATIONS,
@@ -92,30 +103,24 @@ from vlreason.algorithms import (
     aggregate_sum_and_count,
     copy_to_,
     fp32_shadow,
-    vision_opd_loss,
 )
-from vlreason.algorithms.opd import ema_teacher_step_, opd_token_sums, token_means
+from vlreason.algorithms.opd import ema_teacher_step_, opd_loss_and_sums, token_means
 from vlreason.config import doc
-from vlreason.data.stream import RowStream, shard
+from vlreason.data.images import decode_image
+from vlreason.data.stream import RowStream
 from vlreason.models.loading import resolve_dtype
-from vlreason.paths import warm_model
-from vlreason.recipe_base import (
-    DataConfig,
-    Recipe,
-    RunConfig,
-    load_policy,
-    load_split,
-    run_recipe_cli,
-)
+from vlreason.recipe_base import DataConfig, Recipe, RunConfig, load_split, run_recipe_cli
 from vlreason.registry import register_recipe
 from vlreason.rollout.batch import PromptBatch, RolloutBatch
 from vlreason.rollout.forward import token_outputs
 from vlreason.rollout.policy import RolloutConfig
-from vlreason.rollout.prompts import decode_row_images
+from vlreason.rollout.prompts import build_prompt_batch, decode_row_images
 from vlreason.train.distributed import global_sum, hash_seed, world
 from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
-from vlreason.views import crop_to_box, draw_box
+from vlreason.train.rows import RowGate, SkippedRows, none_usable
+from vlreason.train.weights import load_tensors_into_
+from vlreason.views.teacher import opd_views, teacher_budget
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +144,11 @@ class TeacherConfig:
     margin: float = doc("Context around the box on each side, as a fraction of its width/height.", 0.1)
     upscale: float = doc("The crop is enlarged by this factor (paper: 2) before the pixel budget.", 2.0)
     min_size: int = doc("Smallest crop side in original pixels (tiny boxes grow to this).", 28)
-    no_box: str = doc("Rows without boxes: skip (counted in data/no_box_rows) | full (the teacher "
-                      "sees the full image).", "skip")
+    no_box: str = doc("Rows without boxes (and without teacher_images): skip (counted in "
+                      "data/no_box_rows) | full (the teacher sees the full image).", "skip")
+    min_pixels: int = doc("The teacher view's own pixel budget minimum; 0: rollout.min_pixels.", 0)
+    max_pixels: int = doc("The teacher view's own pixel budget maximum; 0: rollout.max_pixels x upscale^2, "
+                          "so that the student's budget does not undo the crop's enlargement.", 0)
 
     def validate(self) -> None:
         if not 0.0 <= self.ema <= 1.0:
@@ -151,6 +159,8 @@ class TeacherConfig:
             raise ValueError(f"teacher.no_box must be skip or full, got '{self.no_box}'")
         if self.margin < 0 or self.upscale <= 0 or self.min_size < 1:
             raise ValueError("teacher.margin must be >= 0, teacher.upscale > 0, teacher.min_size >= 1")
+        if self.min_pixels < 0 or self.max_pixels < 0:
+            raise ValueError("teacher.min_pixels and teacher.max_pixels must be >= 0 (0: derived from rollout)")
 
 
 @dataclass
@@ -160,6 +170,12 @@ class OPDConfig:
     divergence: str = doc("jsd (paper) | forward_kl | reverse_kl, on the (k+1)-way top-k + tail distributions.", "jsd")
     alpha: float = doc("Generalised JSD weight: M = (1-alpha) pS + alpha pT (paper 0.5).", 0.5)
     ratio_cap: float = doc("Token weight min(exp(logp - logp_old), ratio_cap), detached (paper 2).", 2.0)
+    updates_per_rollout: int = doc(
+        "Optimizer updates (loop steps) per rollout batch: logp_old fixed at the rollout, so the "
+        "importance weight acts from the second update on. 1: on-policy (weight 1).", 1)
+    mini_batches: int = doc(
+        "Mini-batches the rollout is cut into (each of prompts_per_step prompts; update u uses "
+        "mini-batch u mod mini_batches); must divide updates_per_rollout.", 1)
     min_tail_prob: float = doc("Floor of the tail bucket's probability (keeps its log finite).", 1e-6)
     aggregation: str = doc("token-mean (paper) | seq-mean-token-mean | seq-mean-token-sum-norm.", "token-mean")
     draw_box: bool = doc("Draw boxes[0] on the student's full image (the official data does).", False)
@@ -178,38 +194,39 @@ class OPDConfig:
             raise ValueError("algorithm.ratio_cap must be positive")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"algorithm.aggregation must be one of {list(AGGREGATIONS)}")
+        if self.updates_per_rollout < 1 or self.mini_batches < 1:
+            raise ValueError("algorithm.updates_per_rollout and mini_batches must be >= 1")
+        if self.updates_per_rollout % self.mini_batches:
+            raise ValueError(f"algorithm.mini_batches={self.mini_batches} must divide "
+                             f"updates_per_rollout={self.updates_per_rollout}")
 
 
 @dataclass
 class VisionOPDRecipeConfig(RunConfig):
-    output_dir: str = "runs/vision_opd"  # shared keys: help in RunConfig
+    # shared keys (help in RunConfig), restated with this recipe's defaults
+    output_dir: str = "runs/vision_opd"
     max_steps: int = 12
     save_steps: int = 0
     data: OPDDataConfig = field(default_factory=OPDDataConfig, metadata={"help": "Datasets (rows with boxes)."})
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(num_generations=4, max_new_tokens=48, temperature=1.0),
-        metadata={"help": "Sampling and images (one pixel budget for student and teacher)."},
+        metadata={"help": "Sampling and the student's images (the teacher's budget: teacher.*_pixels)."},
     )
     prompts_per_step: int = doc("Prompts per optimizer step, over all processes (paper 96).", 4)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    # Vision-OPD's own
     algorithm: OPDConfig = field(default_factory=OPDConfig, metadata={"help": "Distillation loss and batch."})
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The crop teacher."})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
 
 @register_recipe("vision_opd")
-class VisionOPDRecipe(Recipe):
+class VisionOPDRecipe(SkippedRows, Recipe):
     config_class = VisionOPDRecipeConfig
-
-    @staticmethod
-    def default_model() -> Path:
-        """The bundled warm tiny checkpoint: distillation needs a model that already answers."""
-        return warm_model()
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.policy = load_policy(cfg)
-        self.model = self.policy.model
+        self.start_policy()
         # The teacher: a separate copy of the starting weights (LoRA adapter included), no gradients.
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -218,8 +235,14 @@ class VisionOPDRecipe(Recipe):
         self.topk = min(cfg.algorithm.topk, vocab)
         self.stream = RowStream(self.load_train(), seed=cfg.seed)
         self.run_dir = Path(cfg.output_dir)
-        self.skipped_rows = 0
+        self.rows = RowGate(self.stream, self.policy.processor.tokenizer, check=self.has_view)
         self.no_box_rows = 0
+        t = cfg.teacher
+        self.teacher_budget = teacher_budget(self.policy.budget, t.upscale, t.min_pixels, t.max_pixels)
+        self.current: OPDRollout | None = None  # the rollout the next updates use
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.timer = StepTimer()
+        self.capture_old = False
         self.trainer = Trainer(cfg, self, full_config=cfg, save_final=self.policy.save_pretrained)
 
     def make_teacher_shadow(self) -> dict[str, torch.Tensor]:
@@ -258,104 +281,108 @@ class VisionOPDRecipe(Recipe):
         self.policy = self.model = self.teacher = self.trainer = None
 
     # ---- views -----------------------------------------------------------------------------
-    def views(self, row: dict[str, Any]) -> tuple[list, list]:
-        """(student images, teacher images) of one row; a ValueError for an unusable row."""
-        images = decode_row_images(row)
-        boxes = row.get("boxes") or []
-        if not images:
-            raise ValueError("the row has no image")
-        if not boxes:
-            return images, list(images)  # teacher.no_box=full (skip is handled by the caller)
-        box = [float(v) for v in boxes[0]]
-        student = list(images)
-        if self.cfg.algorithm.draw_box:
-            student[0] = draw_box(images[0], box, color=self.cfg.algorithm.box_color)
-        t = self.cfg.teacher
-        teacher = list(student)
-        if t.view == "crop":
-            teacher[0] = crop_to_box(images[0], box, margin=t.margin, upscale=t.upscale, min_size=t.min_size)
-        return student, teacher
+    def has_view(self, row: dict[str, Any]) -> None:
+        """The row gate's check: with teacher.no_box=skip a row needs boxes or a teacher
+        image (counted in ``data/no_box_rows`` too)."""
+        if not (row.get("boxes") or row.get("teacher_images")) and self.cfg.teacher.no_box == "skip":
+            self.no_box_rows += 1
+            raise ValueError("no boxes for the teacher's crop (teacher.no_box=skip)")
 
-    def next_prompts(self, step: int) -> tuple[PromptBatch, PromptBatch]:
-        """This process's share of the step's rows as (student prompts, teacher prompts),
-        same rows in the same order; unusable rows are skipped with a warning and counted."""
-        rank, size = world()
-        step_rows = self.stream.next_rows(self.cfg.prompts_per_step)
-        max_tokens = self.policy.rollout.prompt.max_prompt_tokens
-        usable, student_images, teacher_images, self.prompt_index = [], [], [], []
-        for i in shard(list(range(len(step_rows))), rank, size):
-            row = step_rows[i]
-            if not row.get("boxes") and self.cfg.teacher.no_box == "skip":
-                self.no_box_rows += 1
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': no boxes for the teacher's crop (teacher.no_box=skip)",
-                            step + 1, row.get("id"))
-                continue
+    def views(self, row: dict[str, Any], images: list | None = None) -> tuple[list, list]:
+        """(student images, teacher images) of one row (vlreason.views.teacher.opd_views),
+        from its decoded ``images`` (default: decoded here); a ValueError for an unusable row."""
+        t, a = self.cfg.teacher, self.cfg.algorithm
+        teacher_images = [decode_image(data) for data in (row.get("teacher_images") or [])[:1]]
+        return opd_views(images if images is not None else decode_row_images(row), row.get("boxes") or [], teacher_images, view=t.view,
+                         margin=t.margin, upscale=t.upscale, min_size=t.min_size, draw=a.draw_box,
+                         color=a.box_color, student_budget=self.policy.budget)
+
+    def next_prompts(self, step: int, count: int | None = None) -> tuple[PromptBatch, PromptBatch]:
+        """This process's share of the next ``count`` (default ``prompts_per_step``) rows as
+        (student prompts, teacher prompts), same rows in the same order; the teacher's
+        with its own pixel budget. Rows go through the row gate (``self.rows``); a row whose
+        views cannot be built, or whose student or teacher prompt is over the limit, is
+        skipped with a warning and counted too."""
+        taken = self.rows.draw(step, count or self.cfg.prompts_per_step)
+        kept, pairs = [], []
+        for k, (row, images) in enumerate(zip(taken.rows, taken.images, strict=True)):
             try:
-                student, teacher = self.views(row)
-                lengths = [int(self.policy.prompts([row], images=[imgs]).attention_mask_PT.sum())
-                           for imgs in (student, teacher)]
+                pairs.append(self.views(row, images))
+                kept.append(k)
             except ValueError as err:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': %s", step + 1, row.get("id"), err)
-                continue
-            if max(lengths) > max_tokens:
-                self.skipped_rows += 1
-                log.warning("step %d: skipping row '%s': prompt has %d tokens (image tokens included) > "
-                            "rollout.prompt.max_prompt_tokens=%d", step + 1, row.get("id"), max(lengths), max_tokens)
-                continue
-            usable.append(row)
-            self.prompt_index.append(i)  # the prompt's place in the step's global list: its seed
-            student_images.append(student)
-            teacher_images.append(teacher)
-        if not usable:
-            raise RuntimeError(f"step {step + 1}: none of this step's rows could be used (see warnings)")
-        return (self.policy.prompts(usable, images=student_images),
-                self.policy.prompts(usable, images=teacher_images))
+                self.rows.skip(step, row, str(err))
+        taken = taken.subset(kept)
+        taken.images = pairs  # (student images, teacher images) per row from here on
+        if taken.rows:
+            lengths = torch.maximum(
+                self.policy.prompts(taken.rows, images=[p[0] for p in pairs]).attention_mask_PT.sum(-1),
+                self.teacher_prompts(taken.rows, [p[1] for p in pairs]).attention_mask_PT.sum(-1))
+            taken = self.rows.within_limit(step, taken, lengths.tolist(), self.policy.rollout.prompt.max_prompt_tokens)
+        if not taken.rows:
+            raise none_usable(step)
+        self.prompt_index = taken.index  # each prompt's place in the step's global list: its seed
+        return (self.policy.prompts(taken.rows, images=[p[0] for p in taken.images]),
+                self.teacher_prompts(taken.rows, [p[1] for p in taken.images]))
+
+    def teacher_prompts(self, rows: list[dict[str, Any]], images: list[list]) -> PromptBatch:
+        """The teacher's prompts: same text, its images under its own pixel budget."""
+        return build_prompt_batch(rows, self.policy.processor, self.teacher_budget, self.policy.rollout.prompt,
+                                  images=images)
 
     # ---- the loop's recipe interface -----------------------------------------------------
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:
+        """A fresh rollout, or the next mini-batch of the current one (``updates_per_rollout``
+        K, ``mini_batches`` M, as in vlreason.train.grpo)."""
+        K, M = self.cfg.algorithm.updates_per_rollout, self.cfg.algorithm.mini_batches
+        self.timer = timer
+        self.sums = {}  # per micro-batch (by id: padding repeats one): the loss pass's token sums
+        current = self.current
+        if current is None or current.updates_done >= K:
+            if K > 1 and step % K and current is None:
+                log.warning("step %d: no rollout to reuse (resumed inside a rollout's %d updates); "
+                            "sampling a new one", step + 1, K)
+            current = self.current = self.rollout(step, timer)
+        u = current.updates_done
+        current.updates_done += 1
+        m = u % M
+        self.normaliser = current.normalisers[m]
+        self.capture_old = K > 1 and u == 0  # update 0 runs at the rollout weights: its forward is logp_old
+        metrics = {**current.metrics, "data/skipped_rows": self.skipped_rows, "data/no_box_rows": self.no_box_rows,
+                   "data/epoch": self.stream.epoch}
+        if K > 1:
+            metrics.update({"rollout/update": u, "rollout/mini_batch": m, "rollout/reused": float(u > 0)})
+        return current.minis[m], metrics
+
+    def rollout(self, step: int, timer: StepTimer) -> OPDRollout:
+        """Sample M x prompts_per_step prompts, cut them into M prompt-aligned mini-batches
+        of micro-batches; for K > 1 and M > 1 the logp_old of mini-batches 1.. at the
+        rollout weights (mini-batch 0's comes from update 0's own forward)."""
         cfg, a = self.cfg, self.cfg.algorithm
-        G = self.policy.rollout.num_generations
-        temperature = self.policy.sampling_temperature
-        chunk = self.policy.rollout.logprob_chunk_size
         with timer("rollout"):
-            student_prompts, teacher_prompts = self.next_prompts(step)
+            student_prompts, teacher_prompts = self.next_prompts(step, cfg.prompts_per_step * a.mini_batches)
             seeds = [hash_seed(cfg.seed, step, i) for i in self.prompt_index]  # per prompt, not per process
             batch = self.policy.sample(student_prompts, seed=seeds)
-        per_micro = a.micro_batch_prompts * G
-        micro = [batch.select(list(range(i, min(i + per_micro, batch.num_completions))))
-                 for i in range(0, batch.num_completions, per_micro)]
-        sums = []  # per micro-batch: the diagnostics' token sums (jsd, agreement)
-        for mb in micro:
-            with torch.no_grad():
-                with timer("student_topk"):
-                    s = self.policy.token_outputs(mb, topk=self.topk, temperature=temperature)
-                with timer("teacher"):
-                    t = token_outputs(self.teacher, self.policy.family, replace(mb, prompts=teacher_prompts),
-                                      chunk_size=chunk, at_ids_NTK=s.topk_ids_NTK, temperature=temperature)
-                mb.old_logprobs_NT = s.logprobs_NT.detach()
-                mb.extras["topk_ids_NTK"] = s.topk_ids_NTK
-                mb.extras["teacher_logprobs_NTK"] = t.logprobs_at_NTK.detach()
-            sums.append(opd_token_sums(s.topk_logprobs_NTK, t.logprobs_at_NTK, mb.completion_mask_NT,
-                                       kind=a.divergence, alpha=a.alpha, min_tail_prob=a.min_tail_prob))
-        means = token_means(sums)  # exact token means over this process's share of the step
+        batch.extras["teacher_prompts"] = teacher_prompts  # shared by every micro-batch (select keeps it)
+        minis = cut_minis(batch, student_prompts.num_prompts, a.mini_batches, a.micro_batch_prompts)
+        normalisers = [global_sum(sum((self.token_count(mb) for mb in mini), torch.zeros(()))) for mini in minis]
+        if a.updates_per_rollout > 1 and a.mini_batches > 1:
+            with timer("old_logprobs"), torch.no_grad():
+                for micro in (mb for mini in minis[1:] for mb in mini):
+                    out = self.policy.token_outputs(micro, temperature=self.policy.sampling_temperature)
+                    micro.old_logprobs_NT = out.logprobs_NT.detach()
         lengths = batch.completion_lengths_N.float()
         metrics = {
-            "jsd": means["divergence"],
-            "agreement": means["agreement"],
             "completion_len": float(lengths.mean()),
             "completion_len_max": float(lengths.max()),
             "truncated_frac": float(batch.truncated_N.float().mean()),
             "teacher_image_tokens": self.image_tokens(teacher_prompts),
             "student_image_tokens": self.image_tokens(student_prompts),
-            "data/skipped_rows": self.skipped_rows,
-            "data/no_box_rows": self.no_box_rows,
-            "data/epoch": self.stream.epoch,
         }
+        return OPDRollout(minis, normalisers, metrics)
+
+    def token_count(self, batch: RolloutBatch) -> torch.Tensor:
         mask = batch.completion_mask_NT.float()
-        self.normaliser = global_sum(aggregate_sum_and_count(mask, mask, a.aggregation)[1])
-        return micro, metrics
+        return aggregate_sum_and_count(mask, mask, self.cfg.algorithm.aggregation)[1]
 
     @staticmethod
     def image_tokens(prompts: PromptBatch) -> float:
@@ -365,35 +392,48 @@ class VisionOPDRecipe(Recipe):
         return float((prompts.mm_token_type_ids_PT == 1).sum()) / prompts.num_prompts
 
     def step(self, micro_batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One student forward (top-k ids, and the log-probs at them with gradient), the
+        teacher's log-probs at those ids (no gradient), the loss and, from the same
+        divergence, the step's diagnostics (logged by after_update)."""
         a = self.cfg.algorithm
-        ids = micro_batch.extras["topk_ids_NTK"]
-        out = self.policy.token_outputs(micro_batch, at_ids_NTK=ids, temperature=self.policy.sampling_temperature)
+        temperature = self.policy.sampling_temperature
+        out = self.policy.token_outputs(micro_batch, topk=self.topk, at_topk=True, temperature=temperature)
+        with torch.no_grad(), self.timer("teacher"):
+            t = token_outputs(self.teacher, self.policy.family,
+                              replace(micro_batch, prompts=micro_batch.extras["teacher_prompts"]),
+                              chunk_size=self.policy.rollout.logprob_chunk_size, at_ids_NTK=out.topk_ids_NTK,
+                              temperature=temperature)
         device = out.logprobs_NT.device
-        loss, metrics = vision_opd_loss(
-            out.logprobs_at_NTK, micro_batch.extras["teacher_logprobs_NTK"].to(device),
-            micro_batch.completion_mask_NT.to(device),
-            logprobs_BT=out.logprobs_NT, old_logprobs_BT=micro_batch.old_logprobs_NT.to(device),
+        old = micro_batch.old_logprobs_NT
+        loss, metrics, sums = opd_loss_and_sums(
+            out.logprobs_at_NTK, t.logprobs_at_NTK.to(device), micro_batch.completion_mask_NT.to(device),
+            logprobs_BT=out.logprobs_NT, old_logprobs_BT=None if old is None else old.to(device),
             kind=a.divergence, alpha=a.alpha, ratio_cap=a.ratio_cap, min_tail_prob=a.min_tail_prob,
             agg_mode=a.aggregation, max_tokens=self.policy.rollout.max_new_tokens,
             # the loop averages gradients over processes: scale so their mean is the global loss
             global_count=self.normaliser / world()[1],
         )
-        # `jsd` (prepare, opd_token_sums) is the step's exact token mean; the loss's own
-        # divergence_mean is a micro-batch mean of the same quantity, not logged twice
-        metrics.pop("divergence_mean", None)
+        if self.capture_old and old is None:
+            micro_batch.old_logprobs_NT = out.logprobs_NT.detach().clone()
+        self.sums[id(micro_batch)] = sums
+        metrics.pop("divergence_mean", None)  # `jsd`: the exact token mean over the step, from the sums
         return loss, {k: float(v) for k, v in metrics.items()}
 
     @torch.no_grad()
     def after_update(self, step: int) -> dict[str, Any]:
-        """EMA of the teacher towards the student (trainable tensors only; the others are
-        equal in both copies): theta_T <- (1 - ema) theta_T + ema theta_S in the fp32
-        shadow, then the teacher's forward copy is refreshed from it."""
+        """The step's ``jsd`` and ``agreement`` (exact token means of the loss pass, before
+        the update), then the EMA of the teacher towards the student (trainable tensors
+        only; the others are equal in both copies): theta_T <- (1 - ema) theta_T + ema
+        theta_S in the fp32 shadow, and the teacher's forward copy refreshed from it."""
+        means = token_means(list(self.sums.values()))
+        self.sums = {}
         student = dict(self.model.named_parameters())
         teacher = dict(self.teacher.named_parameters())
         distance = ema_teacher_step_(
             [teacher[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable],
             [full_tensor(student[n].detach()) for n in self.trainable], self.cfg.teacher.ema)
-        return {"teacher/distance": distance}
+        return {"jsd": means.get("divergence", 0.0), "agreement": means.get("agreement", 0.0),
+                "teacher/distance": distance}
 
     # ---- state: data position, counters, the EMA teacher -----------------------------------
     def teacher_state(self) -> dict[str, torch.Tensor]:
@@ -419,16 +459,39 @@ class VisionOPDRecipe(Recipe):
         if not path.is_file():
             raise FileNotFoundError(f"the EMA teacher of this checkpoint is missing: {path} "
                                     "(was it written by another recipe?)")
-        weights = load_file(str(path))
-        missing = set(self.trainable) - set(weights)
-        if missing:
-            raise ValueError(f"{path} lacks teacher tensors, e.g. {sorted(missing)[:3]}")
+        load_tensors_into_({n: self.teacher_shadow[n] for n in self.trainable}, path, required=self.trainable)
         params = dict(self.teacher.named_parameters())
-        with torch.no_grad():
-            for name in self.trainable:
-                shadow = self.teacher_shadow[name]
-                shadow.copy_(weights[name].to(shadow.device, torch.float32))
-            copy_to_([params[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable])
+        copy_to_([params[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable])
+
+
+@dataclass
+class OPDRollout:
+    """One rollout's mini-batches (each a list of micro-batches), their global token counts
+    and metrics, and how many updates have used it."""
+
+    minis: list[list[RolloutBatch]]
+    normalisers: list[torch.Tensor]
+    metrics: dict[str, Any]
+    updates_done: int = 0
+
+
+def cut_minis(batch: RolloutBatch, num_prompts: int, mini_batches: int, per_micro: int) -> list[list[RolloutBatch]]:
+    """The completions of this process's ``num_prompts`` prompts cut into ``mini_batches``
+    contiguous prompt ranges, each into micro-batches of ``per_micro`` prompts. A range
+    with no prompt here gets one fully masked micro-batch (loss 0, same collectives)."""
+    size = -(-num_prompts // mini_batches)
+    groups = batch.group_ids_N.tolist()
+    minis = []
+    for m in range(mini_batches):
+        prompts = list(range(m * size, min((m + 1) * size, num_prompts)))
+        micro = [batch.select([i for i, g in enumerate(groups) if g in set(prompts[s:s + per_micro])])
+                 for s in range(0, len(prompts), per_micro)]
+        if not micro:
+            empty = batch.select([0])
+            empty.completion_mask_NT = torch.zeros_like(empty.completion_mask_NT)
+            micro.append(empty)
+        minis.append(micro)
+    return minis
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

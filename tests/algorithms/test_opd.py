@@ -96,3 +96,25 @@ def test_ema_rate_zero_keeps_the_teacher_and_bad_rates_are_refused():
     assert shadow.item() == 1.0 and teacher.item() == 1.0
     with pytest.raises(ValueError, match="rate"):
         ema_teacher_step_([teacher], [shadow], [torch.tensor([3.0])], -0.1)
+
+
+def test_loss_and_sums_give_the_diagnostics_of_a_separate_pass_from_one_divergence():
+    """opd_loss_and_sums: the loss of vision_opd_loss and sums equal to opd_token_sums'
+    (one divergence computation serves both), the loss's own sums removed from metrics."""
+    from vlreason.algorithms.divergence import vision_opd_loss
+    from vlreason.algorithms.opd import opd_loss_and_sums
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.log_softmax(torch.randn(3, 5, 8, generator=gen), -1)[..., :4].requires_grad_()
+    teacher = torch.log_softmax(torch.randn(3, 5, 8, generator=gen), -1)[..., :4]
+    mask = (torch.rand(3, 5, generator=gen) > 0.3).float()
+    loss, metrics, sums = opd_loss_and_sums(student, teacher, mask, kind="jsd", alpha=0.5)
+    expected_loss, _ = vision_opd_loss(student, teacher, mask, kind="jsd", alpha=0.5)
+    expected = opd_token_sums(student, teacher, mask, kind="jsd", alpha=0.5)
+    torch.testing.assert_close(loss, expected_loss)
+    assert sums.keys() == expected.keys()
+    for key in sums:
+        torch.testing.assert_close(sums[key].float(), expected[key].float())
+    assert "divergence_sum" not in metrics and "tokens" not in metrics and "weight_mean" in metrics
+    loss.backward()
+    assert student.grad is not None and bool(student.grad.abs().sum() > 0)

@@ -67,6 +67,10 @@ tiny model and data does not raise greedy accuracy; PTST's claim checked here is
 "not worse than one long stage". A smaller PTST run (12 + 12 steps, 4 prompts a step,
 seed 0) showed the stage-1 fall but no regrowth (held-out length 21.5 -> 19.8).
 
+Vision-OPD: tests/recipes/effects_opd.py (its design, margins and measured numbers are in
+that module's docstring: teacher on the crop 0.828, student start 0.203, method 0.328,
+control ``teacher.view=full`` 0.203; one seed), collected here.
+
 Run time on the shared 2-core machine under a load average of about 10, with
 OMP_NUM_THREADS=1, the two checks running side by side: DVRP 186 s and 336 s, PTST 327 s
 and 461 s; not measured on an idle machine (the DVRP check does 16 GRPO + 16 DVRP steps
@@ -79,6 +83,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from effects_opd import (  # noqa: F401  (same directory; collected as part of this module)
+    test_vision_opd_crop_teacher_raises_full_image_accuracy_more_than_a_full_image_teacher,
+)
 
 from vlreason.cli import main
 

@@ -73,7 +73,7 @@ def test_run_trains_student_and_ema_teacher(straight, base_weights):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "jsd", "agreement", "completion_len", "truncated_frac", "weight_mean",
                 "teacher/distance", "data/skipped_rows", "data/no_box_rows",
-                "time/rollout", "time/student_topk", "time/teacher", "time/update"):
+                "time/rollout", "time/teacher", "time/update"):
         assert key in records[-1], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert all(0.0 <= r["agreement"] <= 1.0 for r in records)
@@ -172,8 +172,9 @@ def test_teacher_input_is_the_crop(recipe):
 def test_loss_is_zero_when_teacher_is_student_on_the_same_image(recipe):
     recipe.cfg.teacher.view = "full"
     try:
-        micro, metrics = recipe.prepare(0, StepTimer())
+        micro, _ = recipe.prepare(0, StepTimer())
         losses = [recipe.step(mb)[0] for mb in micro]
+        metrics = recipe.after_update(0)  # the step's jsd / agreement, from the loss pass
     finally:
         recipe.cfg.teacher.view = "crop"
     total = sum(float(loss.detach()) for loss in losses)
@@ -190,20 +191,20 @@ def test_rows_without_a_box_are_skipped_and_counted_or_use_the_full_image(recipe
     old_stream = recipe.stream
     try:
         recipe.cfg.prompts_per_step = 2
-        recipe.stream = RowStream([without, with_box], seed=0, shuffle=False)
+        recipe.stream = recipe.rows.stream = RowStream([without, with_box], seed=0, shuffle=False)
         before = recipe.no_box_rows
         student, teacher = recipe.next_prompts(0)
         assert [r["id"] for r in student.rows] == [with_box["id"]]
         assert recipe.no_box_rows == before + 1
         recipe.cfg.teacher.no_box = "full"
-        recipe.stream = RowStream([without, with_box], seed=0, shuffle=False)
+        recipe.stream = recipe.rows.stream = RowStream([without, with_box], seed=0, shuffle=False)
         student, teacher = recipe.next_prompts(0)
         assert [r["id"] for r in student.rows] == ["no-box", with_box["id"]]
         assert torch.equal(student.image_grid_thw[0], teacher.image_grid_thw[0])  # full image for both
         assert not torch.equal(student.image_grid_thw[1], teacher.image_grid_thw[1])  # the crop
     finally:
         recipe.cfg.teacher.no_box = "skip"
-        recipe.stream = old_stream
+        recipe.stream = recipe.rows.stream = old_stream
 
 
 def test_ema_update_is_the_paper_formula(recipe):
@@ -308,3 +309,88 @@ def test_fsdp2_bf16_teacher_ema_through_sharded_student(tmp_path, base_weights):
     assert teacher and all(t.dtype == torch.float32 for t in teacher.values())
     assert any(not torch.equal(teacher[n], base_weights[n]) for n in teacher)
     assert all(r["teacher/distance"] > 0 for r in _metrics(run))
+
+
+def test_several_updates_per_rollout_weight_departs_from_one_and_is_capped(tmp_path):
+    """algorithm.updates_per_rollout=4, mini_batches=2: one rollout serves four updates
+    (mini-batch 0, 1, 0, 1); logp_old is fixed at the rollout's weights (mini-batch 0's
+    from update 0's own forward, mini-batch 1's from a pass before it), so once the
+    student has moved the importance weight departs from 1, and it never exceeds
+    algorithm.ratio_cap (here 1.02, reached by some token); the fifth step samples anew."""
+    cap = 1.02
+    cfg = load_config(VisionOPDRecipe.config_class, None, [
+        f"output_dir={tmp_path / 'k4'}", *FAST, "prompts_per_step=1", "algorithm.updates_per_rollout=4",
+        "algorithm.mini_batches=2", f"algorithm.ratio_cap={cap}"])
+    cfg.model.name_or_path = str(VisionOPDRecipe.default_model())
+    r = VisionOPDRecipe(cfg)
+    r.setup()
+    seen = []
+    for step in range(5):
+        micro, metrics = r.prepare(step, StepTimer())
+        outs = [r.step(mb)[1] for mb in micro]
+        seen.append((metrics, outs, [id(mb) for mb in micro]))
+        assert all(mb.old_logprobs_NT is not None for mb in micro)
+        # stands in for an optimizer update: a step that raises the sampled tokens' log-probs
+        params = [p for p in r.model.parameters() if p.requires_grad]
+        logp = sum(r.policy.token_outputs(mb).logprobs_NT.sum() for mb in micro)
+        grads = torch.autograd.grad(logp, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g / norm, alpha=0.5)
+    assert [m["rollout/mini_batch"] for m, _, _ in seen] == [0, 1, 0, 1, 0]
+    assert [m["rollout/reused"] for m, _, _ in seen] == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert seen[2][2] == seen[0][2] and seen[3][2] == seen[1][2]  # the same micro-batches reused
+    for u in (0, 4):  # a fresh rollout's first update runs at the rollout's weights
+        assert all(o["weight_mean"] == pytest.approx(1.0, abs=1e-5) for o in seen[u][1])
+    for u in (1, 2, 3):  # the student has moved since the rollout
+        assert all(abs(o["weight_mean"] - 1.0) > 1e-3 for o in seen[u][1]), seen[u][1]
+        assert all(o["weight_max"] <= cap + 1e-6 for o in seen[u][1])
+    assert any(o["weight_max"] == pytest.approx(cap) for u in (1, 2, 3) for o in seen[u][1])
+    with pytest.raises((ValueError, Exception), match="must divide"):
+        load_config(VisionOPDRecipe.config_class, None, ["algorithm.updates_per_rollout=3",
+                                                         "algorithm.mini_batches=2"])
+
+
+def test_teacher_reads_the_rows_teacher_image_under_its_own_budget(recipe):
+    """A row carrying teacher_images (data_pipelines/opd_crops.py) gives the teacher that
+    image, not a run-time crop; teacher prompts use the teacher's budget (default: the
+    student's max_pixels x upscale^2), so an enlarged crop is not shrunk to the student's."""
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.opd_crops import teacher_crop_row
+    from vlreason.data.images import encode_image
+
+    row = dict(_first_row(recipe))
+    given = Image.fromarray(np.full((168, 168, 3), 200, dtype=np.uint8))
+    _, teacher = recipe.views({**row, "teacher_images": [encode_image(given)]})
+    assert np.array_equal(np.asarray(teacher[0]), np.asarray(given))
+    student_budget, budget = recipe.policy.budget, recipe.teacher_budget
+    assert budget.max_pixels == round(student_budget.max_pixels * recipe.cfg.teacher.upscale ** 2)
+    prompts = recipe.teacher_prompts([row], [[given]])
+    h, w = (int(v) * 14 for v in prompts.image_grid_thw[0, 1:])
+    assert (w, h) == budget.target_size(168, 168) == (168, 168)  # within the teacher's budget
+    assert student_budget.target_size(168, 168) != (168, 168)  # the student's would shrink it
+    # the pipeline's crop equals the recipe's run-time crop
+    t = recipe.cfg.teacher
+    written = teacher_crop_row(row, margin=t.margin, upscale=t.upscale, min_size=t.min_size)
+    _, from_data = recipe.views(written)
+    _, at_run_time = recipe.views(row)
+    assert np.array_equal(np.asarray(from_data[0]), np.asarray(at_run_time[0]))
+
+
+def test_paper_config_has_the_papers_numbers_and_says_where_each_value_comes_from():
+    import re
+
+    path = Path(__file__).parents[2] / "recipes" / "configs" / "vision_opd_paper.yaml"
+    cfg = load_config(VisionOPDRecipe.config_class, path)
+    a, t, ro = cfg.algorithm, cfg.teacher, cfg.rollout
+    assert (cfg.prompts_per_step, ro.num_generations, ro.temperature, ro.max_new_tokens) == (96, 8, 1.0, 1024)
+    assert (a.topk, a.divergence, a.alpha, a.ratio_cap, a.aggregation) == (100, "jsd", 0.5, 2.0, "token-mean")
+    assert (t.ema, t.view, t.upscale, a.draw_box) == (0.05, "crop", 2.0, True)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.max_steps) == (2e-6, 10, 6241 // 96)
+    assert ro.max_pixels >= 1024 * 1024 > 112 * 112  # a real student budget for fine detail
+    for line in path.read_text().splitlines():  # every value carries its source
+        if re.match(r"^\s*[a-z_]+: \S", line):
+            assert re.search(r"#.*(\[M|\[ours\]|set it|all rows)", line), line

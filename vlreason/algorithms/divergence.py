@@ -280,8 +280,10 @@ def vision_opd_loss(
     with D = JSD_0.5 by default. The teacher side is detached (the teacher is an EMA or
     frozen copy). No reward, advantage or reference KL.
 
-    Metrics: ``divergence_mean``, ``weight_mean``, ``student_tail_mass``,
-    ``teacher_tail_mass`` (token means of the tail-bucket probabilities: how much mass the
+    Metrics: ``divergence_mean``, ``divergence_sum`` and ``tokens`` (the masked sum and
+    count, so that several micro-batches give an exact token mean), ``weight_mean``,
+    ``weight_max`` (at most ``ratio_cap``),
+    ``student_tail_mass``, ``teacher_tail_mass`` (token means of the tail-bucket probabilities: how much mass the
     top-k misses).
     """
     div_BT = topk_token_divergence(
@@ -304,9 +306,13 @@ def vision_opd_loss(
     with torch.no_grad():
         s_tail = 1.0 - torch.exp(_upcast(student_topk_logprobs_BTK.detach())).sum(-1)
         t_tail = 1.0 - torch.exp(_upcast(teacher_logprobs_BTK.detach())).sum(-1)
+        valid = mask_BT.to(div_BT.device).bool()
         metrics = {
             "divergence_mean": masked_mean(div_BT.detach(), mask_BT),
+            "divergence_sum": div_BT.detach()[valid].sum(),  # with "tokens": exact means over micro-batches
+            "tokens": valid.sum(),
             "weight_mean": masked_mean(weight_BT, mask_BT),
+            "weight_max": weight_BT[valid].max() if bool(valid.any()) else weight_BT.new_ones(()),
             "student_tail_mass": masked_mean(s_tail, mask_BT),
             "teacher_tail_mass": masked_mean(t_tail, mask_BT),
         }

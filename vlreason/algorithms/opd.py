@@ -3,12 +3,14 @@
 The loss is :func:`vlreason.algorithms.divergence.vision_opd_loss`. What the recipe
 (``recipes/vision_opd.py``) also needs, and now only wires:
 
-* **Rollout diagnostics** (no gradient, before the update): per completion token the
-  top-k + tail divergence between student and teacher (:func:`topk_token_divergence`)
-  and whether they agree (:func:`topk_agreement`), each computed once per token by
-  :func:`opd_token_sums` as masked sums; :func:`token_means` adds the sums of a step's
-  micro-batches and divides by their token count, so the logged ``jsd`` and
-  ``agreement`` are exact token means over the step, not means of micro-batch means.
+* **The loss with its diagnostics** (:func:`opd_loss_and_sums`): one call of
+  :func:`~vlreason.algorithms.divergence.vision_opd_loss` on the update's own forward
+  gives the loss and, from the same per-token divergence (computed once), its masked
+  token sum; whether student and teacher agree (:func:`topk_agreement`) is an argmax
+  on the same tensors. :func:`token_means` adds the sums of a step's micro-batches and
+  divides by their token count, so the logged ``jsd`` and ``agreement`` are exact token
+  means over the step, not means of micro-batch means. :func:`opd_token_sums` gives
+  the same sums without a loss (evaluations).
 * **The EMA teacher step** (:func:`ema_teacher_step_`): the fp32 shadow moves towards
   the student, the teacher's forward copy is refreshed from it, and the distance that
   remains is returned (:func:`l2_distance`).
@@ -26,10 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from vlreason.algorithms.divergence import topk_token_divergence
+from vlreason.algorithms.divergence import topk_token_divergence, vision_opd_loss
 from vlreason.algorithms.ema import copy_to_, ema_update_
 
-__all__ = ["ema_teacher_step_", "l2_distance", "opd_token_sums", "token_means", "topk_agreement"]
+__all__ = ["ema_teacher_step_", "l2_distance", "opd_loss_and_sums", "opd_token_sums", "token_means",
+           "topk_agreement"]
 
 TOKENS = "tokens"  # the key of the token count in opd_token_sums' result
 
@@ -74,6 +77,27 @@ def opd_token_sums(
         "agreement": agree_BT[mask].float().sum(),
         TOKENS: mask.sum(),
     }
+
+
+def opd_loss_and_sums(
+    student_topk_logprobs_BTK: Tensor,
+    teacher_logprobs_BTK: Tensor,
+    mask_BT: Tensor,
+    **loss_kwargs,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """``(loss, metrics, sums)``: :func:`vision_opd_loss` (``loss_kwargs`` passed on) and
+    the step diagnostics' masked sums from the same divergence, without a second pass.
+
+    ``sums`` has the keys of :func:`opd_token_sums` (``divergence``, ``agreement``,
+    ``tokens``) and equal values; ``metrics`` is the loss's, less its sums.
+    """
+    loss, metrics = vision_opd_loss(student_topk_logprobs_BTK, teacher_logprobs_BTK, mask_BT, **loss_kwargs)
+    with torch.no_grad():
+        agree_BT = topk_agreement(student_topk_logprobs_BTK.detach(), teacher_logprobs_BTK.detach())
+        valid = mask_BT.to(agree_BT.device).bool()
+        sums = {"divergence": metrics.pop("divergence_sum"), "agreement": agree_BT[valid].float().sum(),
+                TOKENS: metrics.pop("tokens")}
+    return loss, metrics, sums
 
 
 def token_means(sums: Sequence[Mapping[str, Tensor | float]]) -> dict[str, float]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import sys
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from vlreason.data.images import decode_image
 
 HELP = "draw original and image view side by side -> PNG"
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             break
         if not row["images"] or (needs_box and not row.get("boxes")):
             continue
-        img = Image.open(io.BytesIO(row["images"][0])).convert("RGB")
+        img = decode_image(row["images"][0], max_pixels=None)  # the strict decoder of vlreason.data
         out = view_fn(img, row, args.seed + index, **options)
         lines.append((
             img, f"{row['id']}  original {img.width}x{img.height}",

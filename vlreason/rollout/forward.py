@@ -78,11 +78,15 @@ def token_outputs(
     entropy_grad: bool = False,
     topk: int = 0,
     at_ids_NTK: torch.Tensor | None = None,
+    at_topk: bool = False,
     temperature: float = 1.0,
 ) -> TokenOutputs:
     """Per-token log-probs of the completion tokens (and optional extras) in one forward.
 
-    Only positions under ``completion_mask_NT`` are scored; padding gets 0. With
+    Only positions under ``completion_mask_NT`` are scored; padding gets 0. ``at_topk``
+    (with ``topk``, without ``at_ids_NTK``): ``logprobs_at_NTK`` holds the log-probs at
+    this forward's own top-k ids, with gradient (Vision-OPD: one student pass gives the
+    ids and the differentiable log-probs at them). With
     ``temperature`` != 1 the distribution is softmax(logits / temperature), the one the
     completions were sampled from (the LM head has no bias, so the hidden states are
     scaled instead of the logits).
@@ -109,6 +113,8 @@ def token_outputs(
         values, ids = chunked_topk(h_MH, weight, topk, chunk_size=chunk_size)
         result.topk_logprobs_NTK = scatter(values, topk)
         result.topk_ids_NTK = scatter(ids, topk)
+        if at_topk and at_ids_NTK is None:
+            at_ids_NTK = result.topk_ids_NTK
     if at_ids_NTK is not None:
         at_ids = at_ids_NTK.to(hidden.device)[mask]
         result.logprobs_at_NTK = scatter(

@@ -15,7 +15,6 @@ so callers that skip undecodable rows skip these too).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from vlreason.config import doc
+from vlreason.data.images import decode_image
 from vlreason.data.schema import IMAGE_PLACEHOLDER, image_placeholders
 from vlreason.rollout.batch import PromptBatch
 from vlreason.views.budget import PixelBudget
@@ -51,13 +51,15 @@ class PromptConfig:
 
 
 def decode_row_images(row: dict[str, Any]) -> list[Image.Image]:
-    """The row's images as RGB PIL images (rows come from a validated canonical dataset)."""
+    """The row's images as RGB PIL images, decoded by the same strict decoder as
+    preprocessing (``vlreason.data.images.decode_image``: truncated files, bad EXIF,
+    palettes, alpha and 16-bit images handled alike); the size limit was applied when the
+    dataset was built, so none is applied again here."""
     images = []
     for i, data in enumerate(row.get("images") or []):
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(img.convert("RGB"))
-        except Exception as err:  # a dataset edited after preprocessing
+            images.append(decode_image(data, max_pixels=None))
+        except ValueError as err:  # ImageError: a dataset edited after preprocessing
             raise ValueError(f"row '{row.get('id')}': image {i} no longer decodes ({err})") from err
     check_placement(row, len(images))
     return images
