@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_recipe import ToyLinear  # tests/train/toy_recipe.py
 
 from vlreason.outputs import OutputPathError
 from vlreason.train import disk
@@ -20,33 +21,7 @@ from vlreason.train.disk import CheckpointWriteError, DiskSpaceError, estimate_c
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.schedule import build_optimizer
 
-
-class Toy:
-    """Fits y = 2x + 1 with a small layer; remembers its weights after each update."""
-
-    def __init__(self):
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(4, 1)
-        self.position = 0
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def prepare(self, step, timer):
-        self.position += 1
-        x = torch.arange(8.0).view(2, 4) / (step + 1)
-        return [(x, 2 * x.sum(1, keepdim=True) + 1)], {"data/position": self.position}
-
-    def step(self, micro):
-        x, y = micro
-        return ((self.model(x) - y) ** 2).mean(), {}
-
-    def after_update(self, step):
-        self.weights[step + 1] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
+Toy = ToyLinear  # remembers its weights after each update (.weights)
 
 
 def _cfg(run: Path, **kw) -> LoopConfig:

@@ -14,54 +14,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from toy_recipe import ToyLinear  # tests/train/toy_recipe.py
 
 from vlreason.train.checkpoint import list_checkpoints, load_checkpoint, write_final
 from vlreason.train.disk import CheckpointWriteError, FinalWriteError, MetricsWriteError
 from vlreason.train.loop import LoopConfig, OptimConfig, Trainer
 from vlreason.train.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 
-
-class Toy:
-    """Fits y = 2x + 1 with a small layer; ``final/`` holds its weights (and ``pad``
-    bytes of padding, to make it big)."""
-
-    def __init__(self, pad: int = 0):
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(4, 1)
-        self.position = 0
-        self.pad = pad
-
-    def prepare(self, step, timer):
-        self.position += 1
-        x = torch.arange(8.0).view(2, 4) / (step + 1)
-        return [(x, 2 * x.sum(1, keepdim=True) + 1)], {"data/position": self.position}
-
-    def step(self, micro):
-        x, y = micro
-        return ((self.model(x) - y) ** 2).mean(), {}
-
-    def after_update(self, step):
-        return None
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-    def save_final(self, folder: Path) -> None:
-        state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        if self.pad:
-            state["pad"] = torch.ones(self.pad // 4)
-        save_file(state, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"position": self.position}) + "\n")
+Toy = ToyLinear
 
 
 def _fit(run: Path, recipe: Toy, **kw) -> Path:
@@ -215,28 +180,6 @@ def test_truncating_metrics_for_a_resume_on_a_full_disk_leaves_the_file(tmp_path
 # -------------------------------------------------------------- a real full file system
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """``mount(size_kib)``: a fresh tmpfs of that size (skips where mount is refused)."""
-    mounted: list[Path] = []
-
-    def mount(size_kib: int) -> Path:
-        if os.name != "posix" or shutil.which("mount") is None:
-            pytest.skip("needs mount(8) to build a size-limited tmpfs; the patched-writer tests cover this")
-        folder = tmp_path / f"fs{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"mounting a size-limited tmpfs is not permitted here ({done.stderr.strip()}); "
-                        "the patched-writer tests cover this")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _fill(folder: Path) -> Path:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_recipe import ToyLinear  # tests/train/toy_recipe.py
 
 from vlreason.train.checkpoint import is_complete, list_checkpoints, resolve_resume
 
@@ -276,36 +277,7 @@ def test_sigkill_anywhere_in_a_two_process_sharded_run(tmp_path):
 # ------------------------------------------------ the remaining kill points, on a toy model
 
 
-class _Toy:
-    """Fits y = 2x + 1 with a small layer; its data position is part of the run's state."""
 
-    def __init__(self):
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(4, 1)
-        self.position = 0
-
-    def prepare(self, step, timer):
-        self.position += 1
-        x = torch.rand(2, 4)  # the RNG state is checkpointed, so a resume draws the same
-        return [(x, 2 * x.sum(1, keepdim=True) + 1)], {"data/position": self.position}
-
-    def step(self, micro):
-        x, y = micro
-        return ((self.model(x) - y) ** 2).mean(), {}
-
-    def after_update(self, step):
-        return None
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-    def save_final(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({n: p.detach().clone() for n, p in self.model.named_parameters()}, str(folder / "model.safetensors"))
 
 
 def _toy_targets() -> dict:
@@ -349,7 +321,7 @@ def _toy_life(run: Path, max_steps: int, kill: tuple[str, int] | None, resume: b
             cfg = LoopConfig(output_dir=str(run), trackers=["jsonl"], progress=False, max_steps=max_steps,
                              save_steps=1, keep_last=2, resume="auto" if resume else "",
                              optim=OptimConfig(lr=0.05, max_grad_norm=1.0))
-            recipe = _Toy()
+            recipe = ToyLinear(random_inputs=True)
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
                 Trainer(cfg, recipe, save_final=recipe.save_final).fit()
             code = 0
