@@ -99,6 +99,7 @@ def child_main(side: str, settings_json: str, result_path: str) -> None:
 
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as scratch:
         tempfile.tempdir = scratch  # this child's output dirs (nothing is saved) go, and are removed, here
         raw = run_side(side, settings)
@@ -111,6 +112,7 @@ def child_main(side: str, settings_json: str, result_path: str) -> None:
         rss_before_steps_mb=raw["rss_before_steps"] / 2**20,
         step_rss_mb=(raw["rss_peak_steps"] - raw["rss_before_steps"]) / 2**20,
         child_wall_s=time.perf_counter() - started,
+        load_avg_start_end=[load_start, os.getloadavg()],  # the machine's 1/5/15-minute load averages
         records=raw["records"],
     )
     for key in ("profile", "trl_mode", "patch", "flop_split"):
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts must be a multiple of --micro-prompts")
 
     started = time.perf_counter()
+    load_before = os.getloadavg()
     results = run_all(args)
     report = {
         "benchmark": "vlreason GRPO step vs TRL GRPOTrainer step (benchmarks/vs_trl.py)",
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                   "step_rss_ratio_max_mid": GOAL_STEP_RSS_MID, "encodings_per_distinct_image_per_pass": 1},
         "trl_modes": args.trl_modes,
         "wall_s": time.perf_counter() - started,
+        "load_avg_before_after": [load_before, os.getloadavg()],  # 1/5/15-minute load averages
         "results": results,
     }
     write_and_print(report, args.out)

@@ -228,6 +228,9 @@ def write_and_print(report: dict[str, Any], out: str) -> None:
         for side in [k for k in r if k == "vlreason" or (k.startswith("trl") and isinstance(r[k], dict))]:
             if r[side].get("profile"):
                 print_profile(side, r["settings"], r[side]["profile"])
+    load = report.get("load_avg_before_after")
+    if load:
+        print(f"machine load (1-minute average) before {load[0][0]:.1f}, after {load[1][0]:.1f}")
     print(f"wrote {out} ({report['wall_s']:.0f} s)")
 
 
