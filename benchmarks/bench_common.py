@@ -39,6 +39,7 @@ class Settings:
     profile: bool = False
     threads: int = 1  # torch threads per side (0: torch's default)
     logprob_chunk_size: int = 0  # vlreason's rollout.logprob_chunk_size (0: its default)
+    trl_mode: str = "fair"  # TRL's side: "fair" (trl_side.apply_fair_patch) or "unpatched" (as installed)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -289,6 +290,54 @@ def summarise(records: list[dict], warmup: int) -> dict[str, Any]:
         "vision_calls_per_step": sum(v["calls"] for v in last["vision"].values()),
         "image_processor_per_step": last["image_processor"],
         "completion_len_mean": statistics.mean(r.get("completion_len", float("nan")) for r in measured),
+    }
+
+
+# ---------------------------------------------------------------------------- the model sizes
+
+# TinySpec overrides per size (``vlreason.models.tiny``; its defaults are ``tiny``'s:
+# vocabulary 1,024, hidden 64, 2 layers, vision hidden 32 x depth 2).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "vocab": {"vocab_size": 151_936},  # tiny with the real Qwen vocabulary: the output layer is nearly all
+    # the representative one: the real vocabulary, but decoder layers that outweigh the output layer in the
+    # update pass (see flop_split; MLP 4,864 as in Qwen2.5-0.5B, GQA 8 / 2 heads) and a 4-block vision tower
+    "mid": {"vocab_size": 151_936, "text_hidden": 512, "text_layers": 8, "text_heads": 8, "text_kv_heads": 2,
+            "text_mlp": 4864, "vision_hidden": 128, "vision_depth": 4, "vision_heads": 4, "vision_mlp": 512},
+}
+DEFAULT_STEPS = {"tiny": 8, "vocab": 3, "mid": 1}  # measured steps per side (after the warm-up)
+
+
+def size_spec(size: str):
+    """The ``TinySpec`` of a benchmark size (the checkpoint is built by ``tiny_model_path(spec)``)."""
+    from vlreason.models.tiny import TinySpec
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; have: {', '.join(SIZES)}")
+    return TinySpec(**SIZES[size])
+
+
+def flop_split(model, prompt_tokens: int, completion_tokens: int, patches_per_image: int) -> dict[str, Any]:
+    """Where one completion row's update FLOPs go (``flops.update_flops``: decoder layers and
+    attention over prompt + completion, the output layer over the completion only, the vision
+    tower over the image's patches), and one decode token's (layers vs output layer)."""
+    from flops import shapes_from_model, update_flops
+
+    text, vision = shapes_from_model(model)
+    parts = update_flops(text, vision, [prompt_tokens], [completion_tokens],
+                         [patches_per_image] if patches_per_image else [])
+    layers = parts["text_layers"] + parts["text_attention"]
+    decode_layers, decode_head = 2.0 * text.layer_params, 2.0 * text.hidden * text.vocab
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "patches_per_image": patches_per_image,
+        "update_flops_per_row": parts,
+        "update_share": {"text_layers_and_attention": layers / parts["total"],
+                         "output_layer": parts["output_layer"] / parts["total"],
+                         "vision": (parts["total"] - layers - parts["output_layer"]) / parts["total"]},
+        "decode_token_flops": {"text_layers": decode_layers, "output_layer": decode_head,
+                               "output_layer_share": decode_head / (decode_layers + decode_head)},
     }
 
 

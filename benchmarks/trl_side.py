@@ -1,6 +1,19 @@
 """TRL's side of ``benchmarks/vs_trl.py`` (run in its own child process): ``GRPOTrainer.train()``
 on the same checkpoint, rows, pixel budget, reward and step shape as vlreason's side.
 
+Two modes (``Settings.trl_mode``):
+
+* ``unpatched``: TRL exactly as installed. On CPU its fused log-prob head
+  (``trl.trainer.utils.add_fused_lm_head``) scores *every* position, prompt included,
+  because its compact path is gated on Triton (``_use_triton``: CUDA / XPU only), and it
+  computes the per-token entropy of the policy pass for its ``entropy`` metric.
+* ``fair`` (the headline): :func:`apply_fair_patch`, two documented changes that make TRL
+  on CPU do what it does on a GPU minus what vlreason does not compute: (1) the compact
+  path (only positions with a label, i.e. completion tokens, are projected through the
+  output layer), which is TRL's own GPU code path; (2) no entropy (vlreason's GRPO loss
+  computes none, and with ``entropy_coef=0`` and ``top_entropy_quantile=1`` TRL uses it
+  for a logged metric only, which then reads 0).
+
 TRL is an optional extra (``pip install -e ".[bench]"``): it is imported inside the functions,
 so this module imports without it; ``vs_trl.py`` checks for it before starting a child.
 """
@@ -169,6 +182,45 @@ def time_phases(trainer, phase_times: dict[str, float]) -> None:
         lambda: None if torch.is_grad_enabled() else "reference", trainer._get_per_token_logps_and_entropies)
 
 
+FAIR_PATCH = (
+    "trl.trainer.utils._use_triton -> True: the fused head projects only completion positions "
+    "(TRL's GPU path; the tiles still run in torch on CPU)",
+    "policy head re-added with outputs=('log_probs',) and compute_entropy=False: no entropy "
+    "(vlreason computes none; TRL's 'entropy' metric then reads 0)",
+)
+
+
+def apply_fair_patch(trainer, trl_utils=None) -> list[str]:
+    """Make ``trainer`` (a built ``GRPOTrainer``) compute on CPU what TRL computes on a GPU,
+    without the entropy that vlreason never computes; returns the changes made (:data:`FAIR_PATCH`).
+
+    Refuses when the entropy feeds the loss (``entropy_coef`` or ``top_entropy_quantile``):
+    then dropping it would change what is trained, not only what is logged.
+    """
+    if trl_utils is None:
+        import trl.trainer.utils as trl_utils
+    if getattr(trainer, "_entropy_bonus_enabled", False) or getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        raise ValueError("the entropy feeds TRL's loss here (entropy_coef / top_entropy_quantile): not patched")
+
+    # (1) compact scoring: the fused head's only CPU / GPU difference in what it computes
+    trl_utils._use_triton = lambda device: True
+
+    # (2) no entropy: the policy model's fused head without the entropy output ...
+    model = trainer.model
+    model.__dict__.pop("forward", None)  # the instance forward add_fused_lm_head set; the class's again
+    trl_utils.add_fused_lm_head(model, temperature=trainer.temperature,
+                                cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32, outputs=("log_probs",))
+    # ... and the loss's call no longer asks for it (zeros stand in for the metric)
+    inner = trainer._get_per_token_logps_and_entropies
+
+    def logps_without_entropy(*args, compute_entropy=False, **kwargs):
+        logps, entropies, aux = inner(*args, compute_entropy=False, **kwargs)
+        return logps, (torch.zeros_like(logps) if compute_entropy else entropies), aux
+
+    trainer._get_per_token_logps_and_entropies = logps_without_entropy
+    return list(FAIR_PATCH)
+
+
 def run_trl(settings: common.Settings) -> dict[str, Any]:
     from trl import GRPOTrainer
 
@@ -180,6 +232,7 @@ def run_trl(settings: common.Settings) -> dict[str, Any]:
     trainer = GRPOTrainer(model=settings.model_path, reward_funcs=[trl_reward(settings)], args=trl_args(settings),
                           train_dataset=dataset, callbacks=[steps])
     probes.trainer = trainer
+    patch = apply_fair_patch(trainer) if settings.trl_mode == "fair" else []
     time_phases(trainer, probes.phase_times)
 
     refs = [trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else []
@@ -188,5 +241,8 @@ def run_trl(settings: common.Settings) -> dict[str, Any]:
     trainer.train()
     if not steps.rss_peak_steps:
         steps.stop_sampler()
-    return common.side_result(steps.records, rss_imports, rss_before, steps.rss_peak_steps, steps.max_rss,
-                              steps.profile)
+    out = common.side_result(steps.records, rss_imports, rss_before, steps.rss_peak_steps, steps.max_rss,
+                             steps.profile)
+    out["trl_mode"] = settings.trl_mode
+    out["patch"] = patch
+    return out

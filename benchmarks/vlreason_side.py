@@ -15,6 +15,7 @@ from bench_common import (
     SideProbes,
     StepProfiler,
     color_rows,
+    flop_split,
     max_rss_bytes,
     side_result,
 )
@@ -59,6 +60,7 @@ def run_vlreason(settings: Settings) -> dict[str, Any]:
     probes = SideProbes([policy.model], refs, policy.processor.image_processor)
     timer = StepTimer(synchronize=False)
     policy.model.train()
+    prompt_len = PromptLength(policy.model)
 
     rss_before = probes.sampler.start()
     records = []
@@ -73,10 +75,31 @@ def run_vlreason(settings: Settings) -> dict[str, Any]:
                                      {"completion_len": metrics.get("completion_len"), "loss": metrics.get("loss")}))
     peak_steps = probes.sampler.stop()
     max_rss = max_rss_bytes()
+    prompt_len.handle.remove()
+    gen = records[-1]["vision"]["generation"]
+    split = flop_split(policy.model, prompt_len.tokens, settings.max_new_tokens,
+                       gen["patch_rows"] // max(gen["images"], 1))
     profile = None
     if settings.profile:
         with StepProfiler() as prof:
             timer.reset()
             trainer.train_step(timer)
         profile = prof.result()
-    return side_result(records, rss_imports, rss_before, peak_steps, max_rss, profile)
+    out = side_result(records, rss_imports, rss_before, peak_steps, max_rss, profile)
+    out["flop_split"] = split
+    return out
+
+
+class PromptLength:
+    """The sequence length of the language model's first call: the first rollout prefill, i.e. a
+    prompt's tokens (image tokens included; prompts of one batch are padded to the longest)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self.handle = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if not self.tokens:
+            x = kwargs.get("inputs_embeds")
+            x = x if x is not None else (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0])
+            self.tokens = int(x.shape[1])

@@ -1,43 +1,50 @@
-"""vlreason's GRPO step vs TRL's GRPOTrainer step, side by side, on the same tiny VLM.
+"""vlreason's GRPO step vs TRL's GRPOTrainer step, side by side, on the same small VLMs.
 
     pip install -e ".[bench]"        # TRL is an optional extra, never a runtime dependency
-    python benchmarks/vs_trl.py [--steps N] [--rounds 2] [--sizes tiny vocab] [--betas 0.04 0]
+    python benchmarks/vs_trl.py [--steps N] [--rounds 2] [--sizes tiny vocab mid] [--betas 0.04 0]
 
-Both sides get the same checkpoint (a tiny offline Qwen2.5-VL: ``tiny`` is the default
-tiny model, vocabulary 1,024; ``vocab`` is the same model with the real 151,936-token
-vocabulary), the same rows (the bundled demo data's ``synthetic/color`` rows, images
-resized once to the same pixel budget), the same G, completion length, prompts per
-step, micro-batch, learning rate, optimizer (AdamW, constant schedule, clip 1.0), KL
-coefficient (beta > 0 loads a reference model on both sides), loss (clipped surrogate,
-token-mean / "dapo", k3 KL), fp32 on CPU, no gradient checkpointing, and the same Python
-reward (vlreason's ``format_accuracy``).
+Both sides get the same checkpoint (a small offline Qwen2.5-VL, ``bench_common.SIZES``:
+``tiny`` is the default tiny model, vocabulary 1,024; ``vocab`` is the same model with the
+real 151,936-token vocabulary, where the output layer is nearly all the compute; ``mid``
+has the real vocabulary, hidden 512, 8 layers, MLP 4,864 and a 4-block vision tower, where
+the decoder layers outweigh the output layer in the update), the same rows (the bundled
+demo data's ``synthetic/color`` rows, images resized once to the same pixel budget), the
+same G, completion length, prompts per step, micro-batch, learning rate, optimizer (AdamW,
+constant schedule, clip 1.0), KL coefficient (beta > 0 loads a reference model on both
+sides), loss (clipped surrogate, token-mean / "dapo", k3 KL), fp32 on CPU, no gradient
+checkpointing, and the same Python reward (vlreason's ``format_accuracy``).
 
 * vlreason: ``Policy`` + ``GRPOPhases`` (rollout, reward, advantages, reference) driven by
   ``Trainer.train_step`` (micro-batches, backward, clip, AdamW step): the code a recipe runs.
 * TRL: ``GRPOTrainer.train()`` with ``per_device_train_batch_size = micro_prompts * G`` and
   ``gradient_accumulation_steps = prompts / micro_prompts``, so one optimizer step generates
   ``prompts * G`` completions once and backpropagates them in the same micro-batches.
+  Two TRL runs per configuration (``--trl-modes``): ``fair`` (the headline: TRL's GPU
+  behaviour on CPU, only completion positions through the output layer, and no entropy,
+  which vlreason does not compute; ``trl_side.apply_fair_patch``) and ``unpatched`` (TRL as
+  installed: on CPU it scores every position, prompt included, and computes the entropy).
 
 Each side runs in its own subprocess (so peak RSS is per side), one after the other
-(``--rounds N``: N times each, ABBA order, the least disturbed round's times kept).
-Per side: median step time over ``--steps`` steps after ``--warmup`` warm-up steps, the
-phase split (rollout / reward / reference / rest), peak RSS (``ru_maxrss`` of the child,
-and the peak above the RSS before the first step from a psutil sampler), completion
-length, and what the vision tower encoded per step: a forward hook on every model's
-``model.visual`` counts calls, images (rows of ``grid_thw``) and patch rows, split by
-pass (generation: policy without grad; reference: the reference model; policy: with grad).
-Images handed to the image processor per step are counted too.
+(``--rounds N``: N times each, the order reversed every other round, the least disturbed
+round's times kept). Per side: median step time over ``--steps`` steps after ``--warmup``
+warm-up steps, the phase split (rollout / reward / reference / rest), peak RSS (``ru_maxrss``
+of the child, and the peak above the RSS before the first step from a psutil sampler:
+"step memory"), completion length, and what the vision tower encoded per step: a forward
+hook on every model's ``model.visual`` counts calls, images (rows of ``grid_thw``) and patch
+rows, split by pass (generation: policy without grad; reference: the reference model;
+policy: with grad). Images handed to the image processor per step are counted too. The
+vlreason child also records where a row's update FLOPs go (``bench_common.flop_split``).
 
-Goals (printed as met / missed, and by how much): step time <= 0.5x TRL's; peak memory
-<= 0.6x TRL's with the big vocabulary; one encoding per distinct image per pass. When a
-goal is missed (or with ``--profile always``) the JSON gets each side's profile of one
-extra step (cProfile by cumulative and own time, torch.profiler by operator self time).
+Goals (printed as met / missed on the fair figure, the unpatched one beside it): step time
+<= 0.5x TRL's; step memory <= 0.5x TRL's on ``mid``; peak RSS <= 0.6x TRL's on ``vocab``;
+one encoding per distinct image per pass. When a goal is missed (or with ``--profile
+always``) the JSON gets each side's profile of one extra step.
 
 Timings on a shared 2-core machine are noisy: compare the ratios, not absolute seconds
 (DESIGN.md, performance rules). Results: ``benchmarks/results_vs_trl.json`` and a table.
 
 This file is the command line and the orchestration (children, rounds); ``bench_common.py``
-holds the settings, the rows and the measuring both sides share, ``vlreason_side.py`` and
+holds the settings, sizes, rows and the measuring both sides share, ``vlreason_side.py`` and
 ``trl_side.py`` each side's run, ``vs_trl_report.py`` the merged rounds, goals and table.
 """
 
@@ -59,23 +66,21 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # imported (benchmarks.vs_trl) rather than run as a script
     sys.path.insert(0, str(HERE))
 
-from bench_common import Settings, summarise  # noqa: E402
+from bench_common import DEFAULT_STEPS, SIZES, Settings, summarise  # noqa: E402
 from vs_trl_report import (  # noqa: E402
     GOAL_PEAK_RSS,
+    GOAL_STEP_RSS_MID,
     GOAL_STEP_TIME,
     build_result,
     source_tree,
     split_rounds,
+    trl_sides,
     versions,
     write_and_print,
 )
 
 DEFAULT_OUT = HERE / "results_vs_trl.json"
-SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {},  # TinySpec() defaults: vocab 1,024, hidden 64, 2 layers, vision depth 2
-    "vocab": {"vocab_size": 151_936},  # the real Qwen vocabulary
-}
-DEFAULT_STEPS = {"tiny": 8, "vocab": 3}  # tiny steps take a fraction of a second: more of them
+TRL_MODES = ("fair", "unpatched")
 
 
 # ---------------------------------------------------------------------------- child / parent
@@ -94,6 +99,7 @@ def child_main(side: str, settings_json: str, result_path: str) -> None:
 
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as scratch:
         tempfile.tempdir = scratch  # this child's output dirs (nothing is saved) go, and are removed, here
         raw = run_side(side, settings)
@@ -106,10 +112,12 @@ def child_main(side: str, settings_json: str, result_path: str) -> None:
         rss_before_steps_mb=raw["rss_before_steps"] / 2**20,
         step_rss_mb=(raw["rss_peak_steps"] - raw["rss_before_steps"]) / 2**20,
         child_wall_s=time.perf_counter() - started,
+        load_avg_start_end=[load_start, os.getloadavg()],  # the machine's 1/5/15-minute load averages
         records=raw["records"],
     )
-    if "profile" in raw:
-        summary["profile"] = raw["profile"]
+    for key in ("profile", "trl_mode", "patch", "flop_split"):
+        if key in raw:
+            summary[key] = raw[key]
     Path(result_path).write_text(json.dumps(summary, indent=1, default=float))
 
 
@@ -142,11 +150,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=0,
-                        help="measured optimizer steps per side and round (0: 8 for tiny, 3 for vocab)")
+                        help="measured optimizer steps per side and round (0: 8 for tiny, 3 for vocab, 1 for mid)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run each side this many times (ABBA order) and keep its least disturbed round")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per side (not measured)")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--trl-modes", nargs="+", default=list(TRL_MODES), choices=TRL_MODES,
+                        help="TRL runs per configuration: fair (trl_side.apply_fair_patch; the headline) and/or "
+                             "unpatched (TRL as installed)")
     parser.add_argument("--betas", nargs="+", type=float, default=[0.04], help="KL coefficients (0: no reference)")
     parser.add_argument("--num-generations", "-G", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per optimizer step")
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompts must be a multiple of --micro-prompts")
 
     started = time.perf_counter()
+    load_before = os.getloadavg()
     results = run_all(args)
     report = {
         "benchmark": "vlreason GRPO step vs TRL GRPOTrainer step (benchmarks/vs_trl.py)",
@@ -195,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "source_tree": source_tree(),
         "goals": {"step_time_ratio_max": GOAL_STEP_TIME, "peak_rss_ratio_max_big_vocab": GOAL_PEAK_RSS,
-                  "encodings_per_distinct_image_per_pass": 1},
+                  "step_rss_ratio_max_mid": GOAL_STEP_RSS_MID, "encodings_per_distinct_image_per_pass": 1},
+        "trl_modes": args.trl_modes,
         "wall_s": time.perf_counter() - started,
+        "load_avg_before_after": [load_before, os.getloadavg()],  # 1/5/15-minute load averages
         "results": results,
     }
     write_and_print(report, args.out)
@@ -205,30 +219,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every size x beta: each side ``--rounds`` times, merged into one result."""
+    from bench_common import size_spec
+
     from vlreason.models.tiny import tiny_model_path
 
     results = []
     for size in args.sizes:
-        path = str(tiny_model_path(**SIZES[size]))  # built once here, not raced by the children
+        path = str(tiny_model_path(size_spec(size)))  # built once here, not raced by the children
         for beta in args.betas:
             settings = Settings(size=size, model_path=path, beta=beta, num_generations=args.num_generations,
                                 prompts_per_step=args.prompts, micro_batch_prompts=args.micro_prompts,
                                 max_new_tokens=args.max_new_tokens, lr=args.lr, warmup=args.warmup,
                                 steps=args.steps or DEFAULT_STEPS[size], profile=args.profile != "never", threads=args.threads,
                                 logprob_chunk_size=args.chunk_size)
-            runs = run_rounds(settings, args.rounds, args.timeout)
-            results.append(build_result(settings, runs["vlreason"], runs["trl"], args.profile))
+            runs = run_rounds(settings, args.rounds, args.timeout, args.trl_modes)
+            trl_runs = {mode: runs[f"trl:{mode}"] for mode in args.trl_modes}
+            results.append(build_result(settings, runs["vlreason"], trl_runs, args.profile))
     return results
 
 
-def run_rounds(settings: Settings, rounds: int, timeout_s: int) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {"vlreason": [], "trl": []}
-    for r in range(rounds):  # ABBA order: drift in the machine's load hits both sides
-        order = ("vlreason", "trl") if r % 2 == 0 else ("trl", "vlreason")
-        for side in order:
+def run_rounds(settings: Settings, rounds: int, timeout_s: int, trl_modes=TRL_MODES) -> dict[str, list[dict]]:
+    """Every side ``rounds`` times; the order is reversed every other round (ABBA), so a drift
+    in the machine's load hits every side alike. Keys: ``vlreason``, ``trl:<mode>``."""
+    sides = ["vlreason"] + [f"trl:{mode}" for mode in trl_modes]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for r in range(rounds):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
             print(f"[{settings.size} beta={settings.beta:g}] round {r + 1}/{rounds}: {side} ...", flush=True)
-            child = replace(settings, profile=settings.profile and r == 0)
-            runs[side].append(run_child(side, child, timeout_s))
+            name, _, mode = side.partition(":")
+            child = replace(settings, profile=settings.profile and r == 0, trl_mode=mode or settings.trl_mode)
+            started = time.perf_counter()
+            runs[side].append(run_child(name, child, timeout_s))
+            print(f"    {time.perf_counter() - started:.0f} s", flush=True)
     return runs
 
 
@@ -236,7 +258,8 @@ def summarise_file(path: str, out: str, profile: str) -> int:
     """Recompute the merged summaries, ratios and goals of a results file (no new runs)."""
     report = json.loads(Path(path).read_text())
     report["results"] = [
-        build_result(Settings(**r["settings"]), split_rounds(r["vlreason"]), split_rounds(r["trl"]), profile)
+        build_result(Settings(**r["settings"]), split_rounds(r["vlreason"]),
+                     {mode: split_rounds(side) for mode, side in trl_sides(r).items()}, profile)
         for r in report["results"]
     ]
     write_and_print(report, out)

@@ -15,6 +15,8 @@ from bench_common import Settings
 HERE = Path(__file__).resolve().parent
 GOAL_STEP_TIME = 0.5  # vlreason step time <= 0.5x TRL's
 GOAL_PEAK_RSS = 0.6  # vlreason peak memory <= 0.6x TRL's with the big vocabulary
+GOAL_STEP_RSS_MID = 0.5  # vlreason step memory (peak RSS above the pre-step RSS) <= 0.5x TRL's on mid
+HEADLINE_MODE = "fair"  # the TRL run the goals are judged on (trl_side.apply_fair_patch)
 
 
 def merge_rounds(children: list[dict[str, Any]]) -> dict[str, Any]:
@@ -50,14 +52,36 @@ def split_rounds(side: dict[str, Any]) -> list[dict[str, Any]]:
     return children
 
 
-def build_result(settings: Settings, ours_runs: list[dict], trl_runs: list[dict], profile: str) -> dict[str, Any]:
-    ours, theirs = merge_rounds(ours_runs), merge_rounds(trl_runs)
-    comparison = compare(settings, ours, theirs)
-    missed = any(g["met"] is False and not g.get("secondary") for g in comparison["goals"])
+def trl_sides(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A stored result's TRL entries by mode: ``trl`` (the headline, fair) and ``trl_unpatched``.
+    Results written before the fair mode existed hold one unpatched entry under ``trl``."""
+    out = {}
+    if "trl" in result:
+        out[result["trl"].get("trl_mode", "unpatched")] = result["trl"]
+    if "trl_unpatched" in result:
+        out["unpatched"] = result["trl_unpatched"]
+    return out
+
+
+def build_result(settings: Settings, ours_runs: list[dict], trl_runs: dict[str, list[dict]],
+                 profile: str) -> dict[str, Any]:
+    """vlreason against each TRL mode: ``trl`` / ``comparison`` hold the headline (fair when it
+    ran, else the only mode), ``trl_unpatched`` / ``comparison_unpatched`` TRL as installed."""
+    ours = merge_rounds(ours_runs)
+    theirs = {mode: merge_rounds(runs) for mode, runs in trl_runs.items()}
+    headline = HEADLINE_MODE if HEADLINE_MODE in theirs else next(iter(theirs))
+    out: dict[str, Any] = {"settings": asdict(settings), "vlreason": ours, "headline_trl_mode": headline}
+    missed = False
+    for mode, side in theirs.items():
+        suffix = "" if mode == headline else f"_{mode}"
+        comparison = compare(settings, ours, side)
+        comparison["trl_mode"] = mode
+        out[f"trl{suffix}"], out[f"comparison{suffix}"] = side, comparison
+        missed |= any(g["met"] is False and not g.get("secondary") for g in comparison["goals"])
     if not (profile == "always" or (profile == "auto" and missed)):
-        ours.pop("profile", None)
-        theirs.pop("profile", None)
-    return {"settings": asdict(settings), "vlreason": ours, "trl": theirs, "comparison": comparison}
+        for key in [k for k in out if k == "vlreason" or k.startswith("trl")]:
+            out[key].pop("profile", None)
+    return out
 
 
 def goal_line(name: str, ratio: float | None, target: float) -> dict[str, Any]:
@@ -79,6 +103,11 @@ def compare(settings: Settings, ours: dict, trl: dict) -> dict[str, Any]:
     per_pass = {p: ours["vision_per_step"][p]["images"] for p in passes}
     encode_ok = all(v == distinct for v in per_pass.values())
     goals = [goal_line("step time <= 0.5x TRL", ratio("step_s_median"), GOAL_STEP_TIME)]
+    if settings.size == "mid":
+        goals.append(goal_line("step memory (peak RSS above pre-step RSS) <= 0.5x TRL, mid",
+                               ratio("step_rss_mb"), GOAL_STEP_RSS_MID))
+        goals.append({**goal_line("peak RSS <= 0.6x TRL, mid", ratio("max_rss_mb"), GOAL_PEAK_RSS),
+                      "secondary": True})
     if settings.size == "vocab":
         goals.append(goal_line("peak RSS <= 0.6x TRL (big vocabulary)", ratio("max_rss_mb"), GOAL_PEAK_RSS))
         goals.append({**goal_line("step memory (peak RSS above pre-step RSS) <= 0.6x TRL, big vocabulary",
@@ -104,38 +133,62 @@ def fmt(x, spec=".2f"):
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    header = f"{'config':<22}{'metric':<28}{'vlreason':>12}{'TRL':>12}{'ratio':>9}"
-    print(header)
-    print("-" * len(header))
+    """One block per configuration: vlreason, TRL (headline mode) and the ratio, then TRL
+    unpatched and its ratio where it ran; the goals on the headline, the unpatched verdict after."""
     for r in results:
-        s, ours, trl, cmp_ = r["settings"], r["vlreason"], r["trl"], r["comparison"]["ratios"]
+        s, ours = r["settings"], r["vlreason"]
+        head, unp = r["trl"], r.get("trl_unpatched")
+        headline = r.get("headline_trl_mode", head.get("trl_mode", "unpatched"))
+        header = (f"{'config':<20}{'metric':<28}{'vlreason':>10}{'TRL ' + headline[:5]:>10}{'ratio':>7}"
+                  + (f"{'TRL unp.':>10}{'ratio':>7}" if unp is not None else ""))
+        print(header)
+        print("-" * len(header))
         name = f"{s['size']} beta={s['beta']:g}"
-        rows = [
-            ("step time, median (s)", ours["step_s_median"], trl["step_s_median"], cmp_["step_time"], ".2f"),
-            ("  rollout (s)", ours["phases_s_median"].get("rollout"), trl["phases_s_median"].get("rollout"), None, ".2f"),
-            ("  reference (s)", ours["phases_s_median"].get("reference"), trl["phases_s_median"].get("reference"), None, ".2f"),
-            ("  rest: update, reward (s)", ours["phases_s_median"].get("rest", 0) + ours["phases_s_median"].get("reward", 0),
-             trl["phases_s_median"].get("rest", 0) + trl["phases_s_median"].get("reward", 0), None, ".2f"),
-            ("peak RSS (MiB)", ours["max_rss_mb"], trl["max_rss_mb"], cmp_["peak_rss"], ".0f"),
-            ("  RSS after imports (MiB)", ours["rss_after_imports_mb"], trl["rss_after_imports_mb"], None, ".0f"),
-            ("  RSS before steps (MiB)", ours["rss_before_steps_mb"], trl["rss_before_steps_mb"], None, ".0f"),
-            ("  step memory (MiB)", ours["step_rss_mb"], trl["step_rss_mb"], cmp_["step_rss"], ".0f"),
-            ("images encoded / step", ours["images_encoded_per_step"], trl["images_encoded_per_step"],
-             cmp_["images_encoded"], ".0f"),
+
+        def ph(side, key):
+            return side["phases_s_median"].get(key)
+
+        def rest(side):
+            return side["phases_s_median"].get("rest", 0) + side["phases_s_median"].get("reward", 0)
+
+        def vis(side, p):
+            return side["vision_per_step"][p]["images"]
+
+        rows = [  # metric, getter, ratio key, format
+            ("step time, median (s)", lambda x: x["step_s_median"], "step_time", ".2f"),
+            ("  rollout (s)", lambda x: ph(x, "rollout"), None, ".2f"),
+            ("  reference (s)", lambda x: ph(x, "reference"), None, ".2f"),
+            ("  rest: update, reward (s)", rest, None, ".2f"),
+            ("peak RSS (MiB)", lambda x: x["max_rss_mb"], "peak_rss", ".0f"),
+            ("  RSS before steps (MiB)", lambda x: x["rss_before_steps_mb"], None, ".0f"),
+            ("  step memory (MiB)", lambda x: x["step_rss_mb"], "step_rss", ".0f"),
+            ("images encoded / step", lambda x: x["images_encoded_per_step"], "images_encoded", ".0f"),
         ]
-        for p in ("generation", "reference", "policy"):
-            rows.append((f"  {p} pass", ours["vision_per_step"][p]["images"], trl["vision_per_step"][p]["images"], None, ".0f"))
+        rows += [(f"  {p} pass", lambda x, p=p: vis(x, p), None, ".0f") for p in ("generation", "reference", "policy")]
         rows += [
-            ("vision-tower calls / step", ours["vision_calls_per_step"], trl["vision_calls_per_step"], None, ".0f"),
-            ("images preprocessed / step", ours["image_processor_per_step"]["images"],
-             trl["image_processor_per_step"]["images"], None, ".0f"),
-            ("completion length (mean)", ours["completion_len_mean"], trl["completion_len_mean"], None, ".1f"),
+            ("images preprocessed / step", lambda x: x["image_processor_per_step"]["images"], None, ".0f"),
+            ("completion length (mean)", lambda x: x["completion_len_mean"], None, ".1f"),
         ]
-        for i, (metric, a, b, q, spec) in enumerate(rows):
-            print(f"{name if i == 0 else '':<22}{metric:<28}{fmt(a, spec):>12}{fmt(b, spec):>12}{fmt(q):>9}")
+        for i, (metric, get, key, spec) in enumerate(rows):
+            line = (f"{name if i == 0 else '':<20}{metric:<28}{fmt(get(ours), spec):>10}{fmt(get(head), spec):>10}"
+                    f"{fmt(r['comparison']['ratios'][key] if key else None):>7}")
+            if unp is not None:
+                line += f"{fmt(get(unp), spec):>10}{fmt(r['comparison_unpatched']['ratios'][key] if key else None):>7}"
+            print(line)
+        split = ours.get("flop_split")
+        if split:
+            share = split["update_share"]
+            print(f"{'':<20}update FLOPs / row ({split['prompt_tokens']} prompt + {split['completion_tokens']} "
+                  f"completion tokens): layers {share['text_layers_and_attention']:.0%}, output layer "
+                  f"{share['output_layer']:.0%}, vision {share['vision']:.0%}; decode token: output layer "
+                  f"{split['decode_token_flops']['output_layer_share']:.0%}")
         for g in r["comparison"]["goals"]:
             mark = "MET   " if g["met"] else ("MISSED" if g["met"] is False else "n/a   ")
-            print(f"{'':<22}goal {mark} {g['goal']}: {g['note']}")
+            print(f"{'':<20}goal {mark} ({headline}) {g['goal']}: {g['note']}")
+        if unp is not None:
+            for g in r["comparison_unpatched"]["goals"]:
+                if g["ratio"] is not None:
+                    print(f"{'':<20}     vs unpatched TRL: {g['goal']}: {g['note']}")
         print()
 
 
@@ -172,9 +225,12 @@ def write_and_print(report: dict[str, Any], out: str) -> None:
     print()
     print_table(results)
     for r in results:
-        for side in ("vlreason", "trl"):
+        for side in [k for k in r if k == "vlreason" or (k.startswith("trl") and isinstance(r[k], dict))]:
             if r[side].get("profile"):
                 print_profile(side, r["settings"], r[side]["profile"])
+    load = report.get("load_avg_before_after")
+    if load:
+        print(f"machine load (1-minute average) before {load[0][0]:.1f}, after {load[1][0]:.1f}")
     print(f"wrote {out} ({report['wall_s']:.0f} s)")
 
 
