@@ -220,18 +220,26 @@ def save_consolidated(model, processor, path, dtype: torch.dtype, *, max_shard_b
     shards: list[list[str]] = []  # the tensor names of each written file
     pending: dict[str, torch.Tensor] = {}
     size = total = 0
+    failed: Exception | None = None  # process 0 could not write a part (e.g. a full disk)
     for name, value in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        tensor = cast(_full(value).detach()).cpu().contiguous()
-        if not is_main:
+        tensor = cast(_full(value).detach()).cpu().contiguous()  # a gather every process joins
+        if not is_main or failed is not None:  # after a failure, process 0 still joins every gather
             continue
         if pending and size + tensor.nbytes > max_shard_bytes:
-            shards.append(_write_part(model, pending, path / f"part-{len(shards)}.safetensors", save_file))
+            try:
+                shards.append(_write_part(model, pending, path / f"part-{len(shards)}.safetensors", save_file))
+            except Exception as err:
+                failed = err
             pending, size = {}, 0
+            if failed is not None:
+                continue
         pending[name] = tensor.clone()  # own storage: views of fused or tied tensors are refused
         size += tensor.nbytes
         total += tensor.nbytes
+    if failed is not None:  # every process is past the gathers: they meet in write_final's agreement
+        raise failed
     if is_main:
         shards.append(_write_part(model, pending, path / f"part-{len(shards)}.safetensors", save_file))
         _finish_checkpoint(model, processor, path, dtype, shards, total)

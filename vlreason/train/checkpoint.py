@@ -177,8 +177,8 @@ def write_final(run_dir: str | Path, write: Callable[[Path], None], *, checkpoin
     checkpoint of the same step, from which ``resume=auto`` writes ``final/`` again).
 
     With several processes the others must still reach the agreement after ``write``:
-    true when process 0 fails after the last gather (the whole model in one file, up to
-    ``save_consolidated``'s 2 GiB part size), not when it fails writing an earlier part."""
+    ``save_consolidated`` keeps process 0 in every remaining gather after a part fails
+    to write, and raises only then."""
     rank, size = world()
     is_main = rank == 0
     final = Path(run_dir) / FINAL_DIR

@@ -40,10 +40,16 @@ import torch
 from vlreason.config import doc, to_dict
 from vlreason.outputs import OutputPathError
 from vlreason.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_final
-from vlreason.train.disk import RunWriteError, check_run_dir
+from vlreason.train.disk import MetricsWriteError, RunWriteError, check_run_dir
 from vlreason.train.distributed import all_agree, reduce_metrics, world
 from vlreason.train.memory import format_plan, log_memory_plan
-from vlreason.train.metrics import MetricsLogger, StepTimer, format_postfix, progress_bar
+from vlreason.train.metrics import (
+    METRICS_FILE,
+    MetricsLogger,
+    StepTimer,
+    format_postfix,
+    progress_bar,
+)
 from vlreason.train.parallel import (
     ParallelConfig,
     aligned_micro_batches,
@@ -232,7 +238,7 @@ class Trainer:
         if self.step == 0 and hasattr(self.recipe, "before_training"):
             before = self.rollout_pass(self.recipe.before_training)
             if before:
-                metrics_log.log(0, before)
+                self.log_metrics(metrics_log, 0, before)
         stopped_by_signal = False
         first_step = self.step
         try:
@@ -242,7 +248,7 @@ class Trainer:
                     metrics = self.train_step(timer)
                     if self.step == first_step + 1 and self.strategy != "none":  # optimizer state exists now
                         print(self.engine.shard_report(self.optimizer), flush=True)
-                    metrics_log.log(self.step, metrics)
+                    self.log_metrics(metrics_log, self.step, metrics)
                     bar.update(1)
                     bar.set_postfix_str(format_postfix(metrics))
                     if self.is_main and bar.disable and self.should_print():
@@ -272,6 +278,21 @@ class Trainer:
             final = write_final(self.run_dir, self.save_final, checkpoint=path)  # atomic; disk full: FinalWriteError
         barrier()
         return final
+
+    def log_metrics(self, metrics_log: MetricsLogger, step: int, metrics: dict[str, Any]) -> None:
+        """Process 0 writes the step's line; with several processes all of them learn
+        whether it was written, so a full disk stops every process at once (the others
+        would otherwise wait in their next collective until the launcher ends them)."""
+        error = None
+        try:
+            metrics_log.log(step, metrics)
+        except RunWriteError as err:
+            error = err
+        if self.world_size > 1 and not all_agree(error is None):
+            raise error or MetricsWriteError(
+                f"process 0 could not append step {step} to {self.run_dir / METRICS_FILE}; see its error")
+        if error is not None:
+            raise error
 
     def check_disk(self) -> None:
         """Before the first step: the run directory and its checkpoints/ folder are

@@ -25,6 +25,14 @@ once. Values are plain JSON: tensors and numpy scalars become Python numbers,
 nested dicts are flattened with ``/`` (``{"time": {"step": 1}}`` -> ``"time/step"``),
 strings (e.g. ``"stage"``) are kept, and NaN / +-inf are written as ``null`` so every
 line is valid JSON (TensorBoard still receives the raw non-finite value).
+
+TensorBoard and wandb are secondary sinks: when one fails (TensorBoard's event writer
+raises the ``OSError`` of its background thread on a later call, e.g. a full disk),
+that tracker is closed with one warning naming it, the step and the error, and the run
+goes on with ``metrics.jsonl``, which holds every step (what TensorBoard had buffered
+since its last flush is lost). Without the ``jsonl`` tracker there is no record left, so
+the failure is a :class:`~vlreason.train.disk.MetricsWriteError` and the run stops.
+Closing a failed tracker never raises, so it cannot hide the error that ended a run.
 """
 
 from __future__ import annotations
@@ -185,12 +193,46 @@ class MetricsLogger:
         if self._file is not None:
             self._append((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"), record["step"])
         if self._tb is not None:
-            for key, value in flat.items():
-                if isinstance(value, (int, float)):  # bools count as 0 / 1; strings skipped
-                    self._tb.add_scalar(key, float(value), int(step))
+            try:
+                for key, value in flat.items():
+                    if isinstance(value, (int, float)):  # bools count as 0 / 1; strings skipped
+                        self._tb.add_scalar(key, float(value), int(step))
+            except Exception as err:  # e.g. the event writer's thread hit a full disk
+                self._tracker_failed("tensorboard", err, step)
         if self._wandb is not None:
-            self._wandb.log(flat, step=int(step))
+            try:
+                self._wandb.log(flat, step=int(step))
+            except Exception as err:
+                self._tracker_failed("wandb", err, step)
         return record
+
+    def _tracker_failed(self, name: str, err: Exception, step: int) -> None:
+        """Close a failed secondary tracker with one warning; without ``metrics.jsonl``
+        nothing would record the run any more, so that is a :class:`MetricsWriteError`."""
+        attr = "_tb" if name == "tensorboard" else "_wandb"
+        tracker, reason = getattr(self, attr), getattr(err, "strerror", None) or err
+        setattr(self, attr, None)
+        if self._file is None:
+            self._close_tracker(name, tracker)
+            raise MetricsWriteError(
+                f"{name} logging failed at step {step} in {self.run_dir}: {reason}; it was the only metrics sink "
+                f"(trackers without jsonl), so the run stops here: free space there, then resume=auto"
+            ) from err
+        warnings.warn(f"{name} logging stopped at step {step} ({reason}); {self.run_dir / METRICS_FILE} keeps "
+                      f"every step", stacklevel=3)
+        self._close_tracker(name, tracker)
+
+    @staticmethod
+    def _close_tracker(name: str, tracker: Any) -> None:
+        """Close (TensorBoard) or finish (wandb) ``tracker``; an error is a warning."""
+        try:
+            if name == "tensorboard":
+                tracker.close()
+            else:
+                tracker.finish()
+        except Exception as err:
+            warnings.warn(f"closing {name} failed ({getattr(err, 'strerror', None) or err}); "
+                          f"what it had buffered is lost", stacklevel=3)
 
     def _append(self, line: bytes, step: int) -> None:
         """Write one whole line or nothing: on an ``OSError`` the file is cut back to
@@ -220,11 +262,11 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            self._close_tracker("tensorboard", tb)
         if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+            run, self._wandb = self._wandb, None
+            self._close_tracker("wandb", run)
 
     def __enter__(self) -> MetricsLogger:
         return self
