@@ -120,12 +120,28 @@ def compare(settings: Settings, ours: dict, trl: dict) -> dict[str, Any]:
     return {
         "ratios": {
             "step_time": ratio("step_s_median"),
+            "step_time_floor": update_floor(ours, trl),
             "peak_rss": ratio("max_rss_mb"),
             "step_rss": ratio("step_rss_mb"),
             "images_encoded": ratio("images_encoded_per_step"),
         },
         "goals": goals,
     }
+
+
+def update_seconds(side: dict[str, Any]) -> float:
+    """A side's median update + reward time: what is left of its step without the rollout
+    and the reference pass."""
+    phases = side["phases_s_median"]
+    return phases.get("rest", 0.0) + phases.get("reward", 0.0)
+
+
+def update_floor(ours: dict[str, Any], trl: dict[str, Any]) -> float | None:
+    """The step-time ratio vlreason would reach if its rollout and reference pass took no
+    time at all: its update + reward time over TRL's whole step. Both sides' updates do
+    the same work (the same model, tokens, loss and optimizer), so a step-time goal below
+    this floor needs a faster update, not a faster rollout."""
+    return update_seconds(ours) / trl["step_s_median"] if trl.get("step_s_median") else None
 
 
 def fmt(x, spec=".2f"):
@@ -148,9 +164,6 @@ def print_table(results: list[dict[str, Any]]) -> None:
         def ph(side, key):
             return side["phases_s_median"].get(key)
 
-        def rest(side):
-            return side["phases_s_median"].get("rest", 0) + side["phases_s_median"].get("reward", 0)
-
         def vis(side, p):
             return side["vision_per_step"][p]["images"]
 
@@ -158,7 +171,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             ("step time, median (s)", lambda x: x["step_s_median"], "step_time", ".2f"),
             ("  rollout (s)", lambda x: ph(x, "rollout"), None, ".2f"),
             ("  reference (s)", lambda x: ph(x, "reference"), None, ".2f"),
-            ("  rest: update, reward (s)", rest, None, ".2f"),
+            ("  rest: update, reward (s)", update_seconds, None, ".2f"),
             ("peak RSS (MiB)", lambda x: x["max_rss_mb"], "peak_rss", ".0f"),
             ("  RSS before steps (MiB)", lambda x: x["rss_before_steps_mb"], None, ".0f"),
             ("  step memory (MiB)", lambda x: x["step_rss_mb"], "step_rss", ".0f"),
@@ -182,6 +195,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
                   f"completion tokens): layers {share['text_layers_and_attention']:.0%}, output layer "
                   f"{share['output_layer']:.0%}, vision {share['vision']:.0%}; decode token: output layer "
                   f"{split['decode_token_flops']['output_layer_share']:.0%}")
+        floor = r["comparison"]["ratios"].get("step_time_floor")
+        if floor is not None:
+            print(f"{'':<20}step-time floor ({headline}): {floor:.2f}x, vlreason's update + reward alone over "
+                  f"TRL's whole step (its rollout and reference at zero)")
         for g in r["comparison"]["goals"]:
             mark = "MET   " if g["met"] else ("MISSED" if g["met"] is False else "n/a   ")
             print(f"{'':<20}goal {mark} ({headline}) {g['goal']}: {g['note']}")

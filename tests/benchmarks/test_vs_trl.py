@@ -189,6 +189,15 @@ def test_report_judges_goals_on_the_fair_run_and_keeps_the_unpatched_beside_it()
     assert vs_trl_report.trl_sides(result).keys() == {"fair", "unpatched"}
 
 
+def test_step_time_floor_is_our_update_over_their_whole_step():
+    ours = {**side(4.0, 100), "phases_s_median": {"rollout": 1.0, "reference": 0.5, "reward": 0.1, "rest": 2.4}}
+    theirs = side(5.0, 300, 16, "fair")
+    assert vs_trl_report.update_floor(ours, theirs) == pytest.approx(0.5)
+    result = vs_trl_report.build_result(bench_common.Settings(size="mid", beta=0.04), [ours], {"fair": [theirs]},
+                                        "never")
+    assert result["comparison"]["ratios"]["step_time_floor"] == pytest.approx(0.5)
+
+
 def test_old_results_read_as_unpatched():
     old = {"trl": side(10.0, 300, 16)}  # written before the fair mode: TRL as installed
     assert list(vs_trl_report.trl_sides(old)) == ["unpatched"]

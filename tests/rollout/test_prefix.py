@@ -197,3 +197,38 @@ def test_vision_tower_runs_once(policies, rows):
     finally:
         handle.remove()
     assert (len(calls), sum(patch_rows)) == (1, int(prompts.image_grid_thw.prod(-1).sum()))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_sampling_runs_in_eval_mode_and_restores_the_mode_even_on_an_error(policies, rows, monkeypatch,
+                                                                           share_prefix):
+    """Images are encoded and completions sampled in eval mode; the caller's train mode
+    comes back afterwards, also when sampling raises (callers need not switch modes)."""
+    import vlreason.rollout.generate as generate
+
+    policy = _policy(policies)
+    prompts = _prompts(policy, rows)
+    cfg = replace(policy.rollout, share_prefix=share_prefix)
+    name = "sample_with_shared_prefix" if share_prefix else "sample_with_generate"
+    real, seen = getattr(generate, name), []
+
+    def sampler(model, *args):
+        seen.append(model.training)
+        return real(model, *args)
+
+    encode = generate.encode_prompt_images
+    monkeypatch.setattr(generate, "encode_prompt_images", lambda model, *a: (seen.append(model.training),
+                                                                              encode(model, *a))[1])
+    monkeypatch.setattr(generate, name, sampler)
+    policy.model.train()
+    policy.sample(prompts, seed=0, sampling=cfg)
+    assert seen == [False, False] and policy.model.training
+
+    def broken(model, *args):
+        raise RuntimeError("sampler failed")
+
+    monkeypatch.setattr(generate, name, broken)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        policy.sample(prompts, seed=0, sampling=cfg)
+    assert policy.model.training
+    policy.model.eval()

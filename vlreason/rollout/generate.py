@@ -143,7 +143,6 @@ def generate_completions(
         completion_mask_NT=torch.empty(P * G, 0, dtype=torch.long),
         truncated_N=torch.zeros(P * G, dtype=torch.bool),
     )
-    encoded, _ = encode_prompt_images(model, family, batch_stub, list(range(P)))
     tok = processor.tokenizer
     settings = DecodeSettings(
         num_generations=G,
@@ -158,10 +157,13 @@ def generate_completions(
     )
     sampler = sample_with_shared_prefix if cfg.share_prefix else sample_with_generate
     was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # generate reseeds
-        raw = sampler(model, family, prompts, encoded, settings)
-    model.train(was_training)
+    model.eval()  # images encoded and completions sampled in eval mode, restored even on an error
+    try:
+        encoded, _ = encode_prompt_images(model, family, batch_stub, list(range(P)))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # generate reseeds
+            raw = sampler(model, family, prompts, encoded, settings)
+    finally:
+        model.train(was_training)
     ids, mask, truncated = completion_masks(raw, settings.end_ids, settings.pad_id)
     texts = tok.batch_decode([row[m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
     return RolloutBatch(

@@ -75,12 +75,7 @@ class SophiaCollector(SkippedRows):
         sampling = SamplingConfig(num_generations=s.num_captions, max_new_tokens=s.caption_max_new_tokens,
                                   temperature=s.caption_temperature, top_p=r.top_p, top_k=r.top_k,
                                   share_prefix=r.share_prefix)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            batch = self.policy.sample(prompts, seed=seed, sampling=sampling)
-        finally:
-            self.model.train(was_training)
+        batch = self.policy.sample(prompts, seed=seed, sampling=sampling)  # in eval mode (generate_completions)
         K = s.num_captions
         self.last_captions = [[t.strip() for t in batch.texts[i * K:(i + 1) * K]] for i in range(len(rows))]
         return self.last_captions
@@ -107,12 +102,7 @@ class SophiaCollector(SkippedRows):
         s, r = self.cfg.sophia, self.policy.rollout
         sampling = SamplingConfig(num_generations=s.pass_rate_samples, max_new_tokens=r.max_new_tokens,
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, share_prefix=r.share_prefix)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            texts = self.policy.sample(self.policy.prompts(rows), seed=seed + 1, sampling=sampling).texts
-        finally:
-            self.model.train(was_training)
+        texts = self.policy.sample(self.policy.prompts(rows), seed=seed + 1, sampling=sampling).texts
         n = s.pass_rate_samples
         return [sum(float(accuracy_reward(t, row["answer"], choices=row.get("choices") or None))
                     for t in texts[i * n:(i + 1) * n]) / n for i, row in enumerate(rows)]
