@@ -53,10 +53,11 @@ Choices made here (see docs/vision_opd.md):
 
 * **Importance weight.** ``logp_old`` is fixed at the rollout's weights, taken once
   before the first update (mini-batch 0's from update 0's own forward, the others' by
-  one no-gradient pass), as in vlreason.train.grpo. With K = 1 the weight is exactly 1;
-  from the second update on it is min(exp(logp - logp_old), ratio_cap). The rollout is
-  not stored in checkpoints: a resume inside a rollout's K updates samples a new one
-  (logged); save_steps a multiple of K keeps resume exact.
+  one no-gradient pass), by the same code as GRPO's (vlreason.train.reuse). With K = 1
+  the weight is exactly 1; from the second update on it is
+  min(exp(logp - logp_old), ratio_cap). The rollout is not stored in checkpoints: a
+  resume inside a rollout's K updates samples a new one (logged); save_steps a multiple
+  of K keeps resume exact.
 * **Top-k ids** come from the student forward of the update itself (the current
   student, at every update) and the teacher is scored at them at its current (EMA)
   weights; ``algorithm.topk`` is clamped to the vocabulary size.
@@ -118,6 +119,7 @@ from vlreason.rollout.prompts import build_prompt_batch, decode_row_images
 from vlreason.train.distributed import global_sum, hash_seed, world
 from vlreason.train.loop import OptimConfig, Trainer
 from vlreason.train.metrics import StepTimer
+from vlreason.train.reuse import ReuseConfig, Rollout, RolloutReuse, capture_old_logprobs
 from vlreason.train.rows import RowGate, SkippedRows, none_usable
 from vlreason.train.weights import load_tensors_into_
 from vlreason.views.teacher import opd_views, teacher_budget
@@ -164,18 +166,12 @@ class TeacherConfig:
 
 
 @dataclass
-class OPDConfig:
+class OPDConfig(ReuseConfig):
     micro_batch_prompts: int = doc("Prompts (x G completions) per forward/backward micro-batch.", 2)
     topk: int = doc("Student top-k token ids compared per position (paper 100); clamped to the vocabulary.", 100)
     divergence: str = doc("jsd (paper) | forward_kl | reverse_kl, on the (k+1)-way top-k + tail distributions.", "jsd")
     alpha: float = doc("Generalised JSD weight: M = (1-alpha) pS + alpha pT (paper 0.5).", 0.5)
     ratio_cap: float = doc("Token weight min(exp(logp - logp_old), ratio_cap), detached (paper 2).", 2.0)
-    updates_per_rollout: int = doc(
-        "Optimizer updates (loop steps) per rollout batch: logp_old fixed at the rollout, so the "
-        "importance weight acts from the second update on. 1: on-policy (weight 1).", 1)
-    mini_batches: int = doc(
-        "Mini-batches the rollout is cut into (each of prompts_per_step prompts; update u uses "
-        "mini-batch u mod mini_batches); must divide updates_per_rollout.", 1)
     min_tail_prob: float = doc("Floor of the tail bucket's probability (keeps its log finite).", 1e-6)
     aggregation: str = doc("token-mean (paper) | seq-mean-token-mean | seq-mean-token-sum-norm.", "token-mean")
     draw_box: bool = doc("Draw boxes[0] on the student's full image (the official data does).", False)
@@ -194,11 +190,7 @@ class OPDConfig:
             raise ValueError("algorithm.ratio_cap must be positive")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"algorithm.aggregation must be one of {list(AGGREGATIONS)}")
-        if self.updates_per_rollout < 1 or self.mini_batches < 1:
-            raise ValueError("algorithm.updates_per_rollout and mini_batches must be >= 1")
-        if self.updates_per_rollout % self.mini_batches:
-            raise ValueError(f"algorithm.mini_batches={self.mini_batches} must divide "
-                             f"updates_per_rollout={self.updates_per_rollout}")
+        self.validate_reuse()
 
 
 @dataclass
@@ -239,7 +231,7 @@ class VisionOPDRecipe(SkippedRows, Recipe):
         self.no_box_rows = 0
         t = cfg.teacher
         self.teacher_budget = teacher_budget(self.policy.budget, t.upscale, t.min_pixels, t.max_pixels)
-        self.current: OPDRollout | None = None  # the rollout the next updates use
+        self.reuse = RolloutReuse(cfg.algorithm.updates_per_rollout, cfg.algorithm.mini_batches)
         self.sums: dict[int, dict[str, torch.Tensor]] = {}
         self.timer = StepTimer()
         self.capture_old = False
@@ -333,27 +325,16 @@ class VisionOPDRecipe(SkippedRows, Recipe):
     def prepare(self, step: int, timer: StepTimer) -> tuple[list[RolloutBatch], dict[str, Any]]:
         """A fresh rollout, or the next mini-batch of the current one (``updates_per_rollout``
         K, ``mini_batches`` M, as in vlreason.train.grpo)."""
-        K, M = self.cfg.algorithm.updates_per_rollout, self.cfg.algorithm.mini_batches
         self.timer = timer
         self.sums = {}  # per micro-batch (by id: padding repeats one): the loss pass's token sums
-        current = self.current
-        if current is None or current.updates_done >= K:
-            if K > 1 and step % K and current is None:
-                log.warning("step %d: no rollout to reuse (resumed inside a rollout's %d updates); "
-                            "sampling a new one", step + 1, K)
-            current = self.current = self.rollout(step, timer)
-        u = current.updates_done
-        current.updates_done += 1
-        m = u % M
-        self.normaliser = current.normalisers[m]
-        self.capture_old = K > 1 and u == 0  # update 0 runs at the rollout weights: its forward is logp_old
-        metrics = {**current.metrics, "data/skipped_rows": self.skipped_rows, "data/no_box_rows": self.no_box_rows,
-                   "data/epoch": self.stream.epoch}
-        if K > 1:
-            metrics.update({"rollout/update": u, "rollout/mini_batch": m, "rollout/reused": float(u > 0)})
-        return current.minis[m], metrics
+        turn = self.reuse.next(step, lambda: self.rollout(step, timer))
+        self.normaliser = turn.normaliser
+        self.capture_old = turn.capture_old  # update 0 runs at the rollout weights: its forward is logp_old
+        metrics = {**turn.rollout.metrics, "data/skipped_rows": self.skipped_rows,
+                   "data/no_box_rows": self.no_box_rows, "data/epoch": self.stream.epoch, **turn.metrics()}
+        return turn.batch, metrics
 
-    def rollout(self, step: int, timer: StepTimer) -> OPDRollout:
+    def rollout(self, step: int, timer: StepTimer) -> Rollout:
         """Sample M x prompts_per_step prompts, cut them into M prompt-aligned mini-batches
         of micro-batches; for K > 1 and M > 1 the logp_old of mini-batches 1.. at the
         rollout weights (mini-batch 0's comes from update 0's own forward)."""
@@ -365,11 +346,7 @@ class VisionOPDRecipe(SkippedRows, Recipe):
         batch.extras["teacher_prompts"] = teacher_prompts  # shared by every micro-batch (select keeps it)
         minis = cut_minis(batch, student_prompts.num_prompts, a.mini_batches, a.micro_batch_prompts)
         normalisers = [global_sum(sum((self.token_count(mb) for mb in mini), torch.zeros(()))) for mini in minis]
-        if a.updates_per_rollout > 1 and a.mini_batches > 1:
-            with timer("old_logprobs"), torch.no_grad():
-                for micro in (mb for mini in minis[1:] for mb in mini):
-                    out = self.policy.token_outputs(micro, temperature=self.policy.sampling_temperature)
-                    micro.old_logprobs_NT = out.logprobs_NT.detach()
+        capture_old_logprobs(minis, self.old_logprobs, a, timer)
         lengths = batch.completion_lengths_N.float()
         metrics = {
             "completion_len": float(lengths.mean()),
@@ -378,7 +355,10 @@ class VisionOPDRecipe(SkippedRows, Recipe):
             "teacher_image_tokens": self.image_tokens(teacher_prompts),
             "student_image_tokens": self.image_tokens(student_prompts),
         }
-        return OPDRollout(minis, normalisers, metrics)
+        return Rollout(minis, normalisers, metrics)
+
+    def old_logprobs(self, micro: RolloutBatch) -> torch.Tensor:
+        return self.policy.token_outputs(micro, temperature=self.policy.sampling_temperature).logprobs_NT
 
     def token_count(self, batch: RolloutBatch) -> torch.Tensor:
         mask = batch.completion_mask_NT.float()
@@ -462,17 +442,6 @@ class VisionOPDRecipe(SkippedRows, Recipe):
         load_tensors_into_({n: self.teacher_shadow[n] for n in self.trainable}, path, required=self.trainable)
         params = dict(self.teacher.named_parameters())
         copy_to_([params[n] for n in self.trainable], [self.teacher_shadow[n] for n in self.trainable])
-
-
-@dataclass
-class OPDRollout:
-    """One rollout's mini-batches (each a list of micro-batches), their global token counts
-    and metrics, and how many updates have used it."""
-
-    minis: list[list[RolloutBatch]]
-    normalisers: list[torch.Tensor]
-    metrics: dict[str, Any]
-    updates_done: int = 0
 
 
 def cut_minis(batch: RolloutBatch, num_prompts: int, mini_batches: int, per_micro: int) -> list[list[RolloutBatch]]:

@@ -22,14 +22,10 @@ Options (all off by default, ``algorithm.*``):
   of :func:`vlreason.algorithms.dapo.overlong_penalty` with L_max = this rollout's
   length limit is added to every reward (logged as ``reward/overlong``).
 * **Several updates per rollout** (``updates_per_rollout`` K, ``mini_batches`` M): one
-  rollout of M x ``prompts_per_step`` prompts is cut into M prompt-aligned mini-batches
-  and serves K consecutive loop steps (= optimizer updates), update u training on
-  mini-batch u mod M (K / M epochs). ``logp_old`` is fixed at the rollout's weights:
-  mini-batch 0's from the first update's own forward (no extra pass: that forward runs
-  at the rollout weights), the others' by one no-gradient pass before the first update.
-  The first update's ratio is exactly 1; later ones use ``logp_old``, so the ratio and
-  its clipping act. The rollout is not stored in checkpoints: a resume inside a rollout's
-  K updates samples a new rollout (logged); save_steps a multiple of K keeps resume exact.
+  rollout of M x ``prompts_per_step`` prompts serves K consecutive loop steps, update u
+  training on mini-batch u mod M, ``logp_old`` fixed at the rollout's weights, so the
+  ratio and its clipping act from the second update on (:mod:`vlreason.train.reuse`,
+  shared with Vision-OPD).
 * ``seq-mean-token-sum-norm`` (Dr.GRPO) divides by the rollout's own length limit (a
   PTST stage's ``max_new_tokens`` when the recipe passes one), exposed as ``max_tokens``.
 """
@@ -57,13 +53,14 @@ from vlreason.rollout.batch import RolloutBatch
 from vlreason.rollout.policy import Policy
 from vlreason.train.distributed import all_reduce, global_sum, hash_seed, world  # noqa: F401 (re-exported)
 from vlreason.train.metrics import StepTimer
+from vlreason.train.reuse import ReuseConfig, Rollout, RolloutReuse, capture_old_logprobs
 from vlreason.train.rows import RowGate, SkippedRows, none_usable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(ReuseConfig):
     micro_batch_prompts: int = doc("Prompts (x G completions) per forward/backward micro-batch.", 2)
     advantage: str = doc("grpo (normalise by group std) | drgrpo (no std).", "grpo")
     clip_low: float = doc("PPO clip epsilon below 1.", 0.2)
@@ -84,12 +81,6 @@ class GRPOConfig:
         "DAPO overlong reward shaping: L_cache, the last tokens before the length limit over which "
         "a penalty grows linearly from 0 to -1 (-1 at the limit); 0 turns it off.", 0)
     overlong_penalty_factor: float = doc("Scale of the overlong penalty (DAPO: 1.0).", 1.0)
-    updates_per_rollout: int = doc(
-        "Optimizer updates (loop steps) per rollout batch, PPO-style: logp_old fixed at the rollout, "
-        "the ratio and clipping act from the second update on. 1: on-policy GRPO.", 1)
-    mini_batches: int = doc(
-        "Mini-batches the rollout is cut into (each of prompts_per_step prompts; update u uses "
-        "mini-batch u mod mini_batches); must divide updates_per_rollout.", 1)
 
     def validate(self) -> None:
         if self.advantage not in ADVANTAGES:
@@ -104,11 +95,7 @@ class GRPOConfig:
             raise ValueError("algorithm.dynamic_sampling_max_rounds must be >= 1")
         if self.overlong_cache < 0 or self.overlong_penalty_factor < 0:
             raise ValueError("algorithm.overlong_cache and overlong_penalty_factor must be >= 0")
-        if self.updates_per_rollout < 1 or self.mini_batches < 1:
-            raise ValueError("algorithm.updates_per_rollout and mini_batches must be >= 1")
-        if self.updates_per_rollout % self.mini_batches:
-            raise ValueError(f"algorithm.mini_batches={self.mini_batches} must divide "
-                             f"updates_per_rollout={self.updates_per_rollout}")
+        self.validate_reuse()
 
 
 def score(reward_fn, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -144,18 +131,6 @@ def rollout_metrics(batch: RolloutBatch, G: int) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-@dataclass
-class _Rollout:
-    """A rollout kept for the loop steps (updates) that reuse it."""
-
-    minis: list[list[RolloutBatch]]  # mini-batch -> its micro-batches
-    normalisers: list[float]  # global token / sequence count of each mini-batch
-    metrics: dict[str, Any]
-    shape: tuple[int, int]  # (G, max_new_tokens) it was sampled with
-    max_tokens: int
-    updates_done: int = 0
-
-
 class GRPOPhases(SkippedRows):
     def __init__(self, cfg: GRPOConfig, policy: Policy, stream: RowStream, seed: int, *, prompts_per_step: int):
         self.cfg = cfg
@@ -167,7 +142,7 @@ class GRPOPhases(SkippedRows):
         self.kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
         self.rows = RowGate(stream, policy.processor.tokenizer)
         self.max_tokens = policy.rollout.max_new_tokens  # the Dr.GRPO constant of the current rollout
-        self.current: _Rollout | None = None
+        self.reuse = RolloutReuse(cfg.updates_per_rollout, cfg.mini_batches)
         self.capture_old = False  # the first update of a reused rollout records logp_old
         if policy.rollout.num_generations == 1 and cfg.advantage == "grpo":
             log.warning("rollout.num_generations=1: every group has one completion, so every "
@@ -194,27 +169,16 @@ class GRPOPhases(SkippedRows):
                 max_new_tokens: int | None = None) -> tuple[list[RolloutBatch], dict[str, Any]]:
         G = num_generations or self.policy.rollout.num_generations
         limit = max_new_tokens or self.policy.rollout.max_new_tokens
-        K, M = self.cfg.updates_per_rollout, self.cfg.mini_batches
-        current = self.current
-        if current is None or current.updates_done >= K or current.shape != (G, limit):
-            if K > 1 and step % K and current is None:
-                log.warning("step %d: no rollout to reuse (resumed inside a rollout's %d updates); "
-                            "sampling a new one", step + 1, K)
-            current = self.current = self.rollout(step, timer, G, limit)
-        u = current.updates_done
-        current.updates_done += 1
-        m = u % M
-        self.normaliser = current.normalisers[m]
-        self.max_tokens = current.max_tokens
-        self.capture_old = K > 1 and u == 0
+        turn = self.reuse.next(step, lambda: self.rollout(step, timer, G, limit), key=(G, limit))
+        self.normaliser = turn.normaliser
+        self.max_tokens = turn.rollout.max_tokens
+        self.capture_old = turn.capture_old
         # DAPO's counts belong to the rollout: logged on its first update only
-        metrics = {k: v for k, v in current.metrics.items() if u == 0 or not k.startswith("dapo/")}
-        metrics.update({"data/skipped_rows": self.skipped_rows, "data/epoch": self.stream.epoch})
-        if K > 1:
-            metrics.update({"rollout/update": u, "rollout/mini_batch": m, "rollout/reused": float(u > 0)})
-        return current.minis[m], metrics
+        metrics = {k: v for k, v in turn.rollout.metrics.items() if turn.update == 0 or not k.startswith("dapo/")}
+        metrics.update({"data/skipped_rows": self.skipped_rows, "data/epoch": self.stream.epoch, **turn.metrics()})
+        return turn.batch, metrics
 
-    def rollout(self, step: int, timer: StepTimer, G: int, limit: int) -> _Rollout:
+    def rollout(self, step: int, timer: StepTimer, G: int, limit: int) -> Rollout:
         """Sample (in rounds, with dynamic sampling), score, shape, filter; then cut into
         mini-batches and micro-batches, with reference and (for K > 1) old log-probs."""
         cfg = self.cfg
@@ -254,14 +218,11 @@ class GRPOPhases(SkippedRows):
                 units = [(0, j) for j in range(len(rounds[0][1]))]
         minis = self.cut(rounds, units, G, timer)
         normalisers = [global_sum(sum((self._count(b) for b in mini), torch.zeros(()))) for mini in minis]
-        if cfg.updates_per_rollout > 1 and cfg.mini_batches > 1:
-            # logp_old of mini-batches 1.. at the rollout weights (mini-batch 0's comes free with update 0)
-            with timer("old_logprobs"), torch.no_grad():
-                for mini in minis[1:]:
-                    for micro in mini:
-                        out = self.policy.token_outputs(micro, temperature=self.policy.sampling_temperature)
-                        micro.old_logprobs_NT = out.logprobs_NT.detach()
-        return _Rollout(minis, normalisers, metrics, (G, limit), limit)
+        capture_old_logprobs(minis, self.old_logprobs, cfg, timer)
+        return Rollout(minis, normalisers, metrics, max_tokens=limit)
+
+    def old_logprobs(self, micro: RolloutBatch) -> torch.Tensor:
+        return self.policy.token_outputs(micro, temperature=self.policy.sampling_temperature).logprobs_NT
 
     def score_and_shape(self, batch: RolloutBatch, G: int, limit: int) -> None:
         """Rewards (+ DAPO overlong penalty) and group advantages, written into ``batch``."""
