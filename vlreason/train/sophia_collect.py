@@ -44,18 +44,18 @@ def reasoner_question(question: str) -> str:
 class SophiaCollector(SkippedRows):
     """Captions, reasoner solutions, rewards and selections (see the module docstring)."""
 
-    def usable_rows(self, step: int, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def usable_rows(self, step: int, rows: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], list]:
         """This process's share of the step's rows (``rows``, else ``prompts_per_step`` drawn
-        from the stream) through the row gate (``self.rows``): rows whose images do not
-        decode, whose text holds a special token or whose prompt is over the limit are
-        counted in ``skipped_rows`` and logged."""
+        from the stream) through the row gate (``self.rows``), and their decoded images:
+        rows whose images do not decode, whose text holds a special token or whose prompt
+        is over the limit are counted in ``skipped_rows`` and logged."""
         taken = self.rows.draw(step, self.cfg.prompts_per_step) if rows is None else self.rows.admit(step, rows)
         if taken.rows:
             lengths = self.policy.prompts(taken.rows, images=taken.images).attention_mask_PT.sum(-1).tolist()
             taken = self.rows.within_limit(step, taken, lengths, self.policy.rollout.prompt.max_prompt_tokens)
-        return taken.rows
+        return taken.rows, taken.images
 
-    def captions(self, rows: list[dict[str, Any]], seed: int) -> list[list[str]]:
+    def captions(self, rows: list[dict[str, Any]], images: list, seed: int) -> list[list[str]]:
         """K captions per row from ``sophia.caption_prompt``, without the run's prompt
         template / system prompt (which may quote the question). SOPHIA's prompt does not
         show the question; a prompt holding ``{question}`` (the Vision-R1 cold-start
@@ -70,7 +70,8 @@ class SophiaCollector(SkippedRows):
 
         caption_rows = [{**r, "question": prompt(r), "choices": []} for r in rows]
         prompt_cfg = replace(self.policy.rollout.prompt, system_prompt="", template="{question}")
-        prompts = build_prompt_batch(caption_rows, self.policy.processor, self.policy.budget, prompt_cfg)
+        prompts = build_prompt_batch(caption_rows, self.policy.processor, self.policy.budget, prompt_cfg,
+                                     images=images)
         r = self.policy.rollout
         sampling = SamplingConfig(num_generations=s.num_captions, max_new_tokens=s.caption_max_new_tokens,
                                   temperature=s.caption_temperature, top_p=r.top_p, top_k=r.top_k,
@@ -96,18 +97,18 @@ class SophiaCollector(SkippedRows):
             value = meta.get(key) if isinstance(meta, dict) else None
         return str(value).strip().lower() in {v.lower() for v in self.cfg.sophia.hard_values}
 
-    def pass_rates(self, rows: list[dict[str, Any]], seed: int) -> list[float]:
+    def pass_rates(self, rows: list[dict[str, Any]], images: list, seed: int) -> list[float]:
         """The VLM's own accuracy on each row's ORIGINAL (image, question) prompt over
         sophia.pass_rate_samples answers sampled at rollout.temperature / max_new_tokens."""
         s, r = self.cfg.sophia, self.policy.rollout
         sampling = SamplingConfig(num_generations=s.pass_rate_samples, max_new_tokens=r.max_new_tokens,
                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, share_prefix=r.share_prefix)
-        texts = self.policy.sample(self.policy.prompts(rows), seed=seed + 1, sampling=sampling).texts
+        texts = self.policy.sample(self.policy.prompts(rows, images=images), seed=seed + 1, sampling=sampling).texts
         n = s.pass_rate_samples
         return [sum(float(accuracy_reward(t, row["answer"], choices=row.get("choices") or None))
                     for t in texts[i * n:(i + 1) * n]) / n for i, row in enumerate(rows)]
 
-    def hard_rows(self, rows: list[dict[str, Any]], seed: int) -> list[bool]:
+    def hard_rows(self, rows: list[dict[str, Any]], images: list, seed: int) -> list[bool]:
         """Which rows go to reasoner_hard (all False without it): by difficulty field, or by
         the VLM's pass rate (``self.last_pass_rates``)."""
         s = self.cfg.sophia
@@ -115,7 +116,7 @@ class SophiaCollector(SkippedRows):
         if self.reasoner_hard is None:
             return [False] * len(rows)
         if s.route_by == "pass_rate":
-            self.last_pass_rates = self.pass_rates(rows, seed)
+            self.last_pass_rates = self.pass_rates(rows, images, seed)
             return [p < s.hard_below for p in self.last_pass_rates]
         return [self.is_hard(row) for row in rows]
 
@@ -163,15 +164,16 @@ class SophiaCollector(SkippedRows):
         s, cfg = self.cfg.sophia, self.cfg
         rank, _ = world()
         seed = hash_seed(cfg.seed, step, rank)
-        rows = self.last_rows = self.usable_rows(step, rows)
+        rows, images = self.usable_rows(step, rows)  # images decoded once, for every prompt below
+        self.last_rows = rows
         if not rows:
             return [], [], {}
         with timer("captions"):
-            captions = self.captions(rows, seed)
+            captions = self.captions(rows, images, seed)
         prompts = [self.solution_prompt(row, c) for row, caps in zip(rows, captions) for c in caps]
         before = self.reasoner_counts()
         with timer("routing"):
-            hard = [h for h in self.hard_rows(rows, seed) for _ in range(s.num_captions)]
+            hard = [h for h in self.hard_rows(rows, images, seed) for _ in range(s.num_captions)]
         with timer("reasoner"):
             flat = self.route_solve(prompts, hard, seed)
         # an empty list: the reasoner failed on that prompt (counted, never filled in)
