@@ -20,7 +20,7 @@ logged so far. It prints:
 
 Usage (from the repository root)::
 
-    python benchmarks/soak.py                     # 500 steps, SIGTERM every 100 (hours on 2 CPU cores)
+    python benchmarks/soak.py --parallel          # 500 steps, SIGTERM every 100 (21 min on 2 CPU cores)
     python benchmarks/soak.py --steps 40 --every 10 --warmup 3   # a quick check
 
 Linux only (``/proc``). ``--out`` keeps both run directories (default: a temp folder).
