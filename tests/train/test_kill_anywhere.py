@@ -7,8 +7,8 @@ half-written one), and the run ends with the same weights and the same metrics l
 duplicates, no gaps) as an uninterrupted run. The same on two processes with FSDP2
 (sharded checkpoints), killed three times (rollout, update, DCP write), each time in a
 random process. The kill points between the metrics line, the rename into place, the
-``latest`` pointer and pruning are exercised on GRPO (one process) and on a toy model
-through the same loop and checkpoint code (fast: forked children, no model to load).
+``latest`` pointer and pruning are exercised on GRPO (one process and two) and on a toy
+model through the same loop and checkpoint code (fast: forked children, no model to load).
 
 Each run is a child forked from a zygote that has done the imports (see ZYGOTE). In the
 child one function of the run (the policy's sampler, the gradient clipping before the
@@ -182,6 +182,9 @@ POINTS = {"rollout": (1, 2), "update": (1, 2), "checkpoint-write": (1, 40),
           "after-metrics": (1, 2), "after-publish": (1, 2), "before-prune": (1, 1)}
 
 
+MAIN_ONLY = {"after-publish", "before-prune"}
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -198,7 +201,8 @@ def _kill_and_resume(tmp_path: Path, args: list[str], max_steps: int, points: st
     seed = int(os.environ.get("VLREASON_KILL_SEED", random.randrange(2**31)))
     rng = random.Random(seed)
     schedule = _schedule(rng, points)
-    ranks = [rng.randrange(world) for _ in schedule]  # the process each kill lands in
+    # the process each kill lands in (renames and pruning happen on process 0 only)
+    ranks = [0 if point in MAIN_ONLY else rng.randrange(world) for point, *_ in schedule]
     about = f"VLREASON_KILL_SEED={seed} schedule={schedule} ranks={ranks}"
     print(about)
     zygote = Zygote()
@@ -282,6 +286,18 @@ def test_sigkill_anywhere_in_a_two_process_sharded_run(tmp_path):
     root = _kill_and_resume(tmp_path, [*args, "prompts_per_step=2", "parallel.strategy=fsdp2"],
                             MAX_STEPS, "rollout,update,checkpoint-write", world=2)
     shards = sorted(p.name for p in (root / f"step-{MAX_STEPS}" / "state").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_sigkill_after_metrics_publish_and_before_prune_in_a_two_process_sharded_run(tmp_path):
+    """The kill points between the metrics line, the rename into place, ``latest`` and
+    pruning on two processes with FSDP2: after the metrics line in a random process,
+    after the rename and before pruning in process 0 (the one that renames and prunes);
+    the other process is then killed too, as torchrun does."""
+    args = [a for a in ARGS if not a.startswith(("prompts_per_step", "max_steps"))]
+    root = _kill_and_resume(tmp_path, [*args, "prompts_per_step=2", "parallel.strategy=fsdp2", "max_steps=5"],
+                            5, "after-metrics,after-publish,before-prune", world=2)
+    shards = sorted(p.name for p in (root / "step-5" / "state").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
 
