@@ -44,15 +44,15 @@ def _png(color: str) -> bytes:
     return buf.getvalue()
 
 
-def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
-    metas = [{"difficulty": "Hard"}, {"difficulty": "easy"}, None]
-    rows = [canonical_row(id=f"r{i}", images=[_png(a)], question=q, answer=a, source="test", meta=m)
-            for i, ((q, a), m) in enumerate(zip(ANSWERS.items(), metas))]
+def _routed_recipe(tmp_path, rows, *overrides: str) -> SophiaRecipe:
+    """A set-up SOPHIA recipe over ``rows`` (one step of all 3, no rounds), routing
+    between the ``easy`` and ``hard`` reasoners above; their prompt logs emptied."""
     data = save_canonical(rows, tmp_path / "data")
     cfg = load_config(SophiaRecipe.config_class, None, [
         f"data.train={data}", f"output_dir={tmp_path / 'run'}", "prompts_per_step=3",
         "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
         "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
+        *overrides,
         "reasoner.kind=python", f"reasoner.path={__name__}:easy",
         "reasoner_hard.kind=python", f"reasoner_hard.path={__name__}:hard"])
     cfg.model.name_or_path = str(warm_model())
@@ -60,6 +60,14 @@ def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
     recipe.setup()
     PROMPTS["easy"].clear()
     PROMPTS["hard"].clear()
+    return recipe
+
+
+def test_hard_rows_go_to_the_hard_reasoner(tmp_path):
+    metas = [{"difficulty": "Hard"}, {"difficulty": "easy"}, None]
+    rows = [canonical_row(id=f"r{i}", images=[_png(a)], question=q, answer=a, source="test", meta=m)
+            for i, ((q, a), m) in enumerate(zip(ANSWERS.items(), metas))]
+    recipe = _routed_recipe(tmp_path, rows)
     micro, metrics = recipe.prepare(0, StepTimer())
     assert len(PROMPTS["hard"]) == 2 and all("shape one" in p for p in PROMPTS["hard"])
     assert len(PROMPTS["easy"]) == 4 and not any("shape one" in p for p in PROMPTS["easy"])
@@ -80,19 +88,8 @@ def test_route_by_the_vlms_own_pass_rate(tmp_path):
                "What colour is shape three?": "purple"}
     rows = [canonical_row(id=f"r{i}", images=[_png(a if a != "purple" else "green")], question=q, answer=a,
                           source="test") for i, (q, a) in enumerate(answers.items())]
-    data = save_canonical(rows, tmp_path / "data")
-    cfg = load_config(SophiaRecipe.config_class, None, [
-        f"data.train={data}", f"output_dir={tmp_path / 'run'}", "prompts_per_step=3",
-        "sophia.rounds=0", "sophia.warmup_steps=0", "sophia.rows_per_round=0",
-        "sophia.num_captions=2", "sophia.num_solutions=2", "sophia.caption_max_new_tokens=8",
-        "sophia.route_by=pass_rate", "sophia.pass_rate_samples=4", "sophia.hard_below=0.5",
-        "reasoner.kind=python", f"reasoner.path={__name__}:easy",
-        "reasoner_hard.kind=python", f"reasoner_hard.path={__name__}:hard"])
-    cfg.model.name_or_path = str(warm_model())
-    recipe = SophiaRecipe(cfg)
-    recipe.setup()
-    PROMPTS["easy"].clear()
-    PROMPTS["hard"].clear()
+    recipe = _routed_recipe(tmp_path, rows, "sophia.route_by=pass_rate", "sophia.pass_rate_samples=4",
+                            "sophia.hard_below=0.5")
     _, metrics = recipe.prepare(0, StepTimer())
     rates = dict(zip((r["question"] for r in recipe.last_rows), recipe.last_pass_rates))
     assert set(rates) == set(answers) and rates["What colour is shape three?"] == 0.0
